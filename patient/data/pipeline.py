@@ -1,0 +1,316 @@
+"""Grain pipelines: distillation batches (two views per image), evaluation batches, and fixed-teacher views.
+
+The distillation pipeline, per host:
+
+    source -> attach source index -> shuffle(seed) -> repeat(epochs)            (reshuffled every epoch)
+           -> random_map(draw student/teacher ViewParams)                       (Grain's per-index RNG, global index)
+           -> slice [shard_index::shard_count]                                  (per-host sharding)
+           -> map(render both views) -> batch                                   (all MapDataset: batch i is fixed)
+           -> to_iter_dataset (threads) -> mp_prefetch(num_workers)             (optional processes)
+
+Why this order:
+
+- `random_map` comes after `repeat`, so an example gets new crops every epoch (its RNG index grows with the epoch).
+- `random_map` comes *before* the per-host slice, so its RNG index is the global position in the stream: hosts get
+  distinct crops, and the (example, crop) pairs of a run do not depend on the number of hosts. (Placing it after the
+  slice would hand every host the same crop sequence, because each host's local indices restart at 0.)
+- Batching happens on the `MapDataset`, so batch `i` is a pure function of `(seed, i)`; `mp_prefetch` hands whole
+  batches to workers round-robin, and the batches are identical for any number of workers (0, 1, 2, ...).
+- The iterator's `get_state()` / `set_state()` checkpoint the position; restoring replays exactly.
+
+Close iterators when done (`it.close()`, or `contextlib.closing(iter(ds))`): with workers, batches live in shared
+memory that is released when the worker processes shut down and the arrays are garbage collected. Workers are
+spawned (not forked), so a script that uses `num_workers > 0` needs the usual `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from patient.data import views as _views
+
+__all__ = ["eval_pipeline", "fixed_teacher_views", "pipeline"]
+
+
+def _check_res(name: str, value: Any) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value), int(value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name}={value!r} must be a positive int or a (height, width) pair of positive ints")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def _check_source(source: Any, fn: str) -> int:
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise ValueError(f"{fn}: source {source!r} is not random-access; pass a patient.data source (e.g. arrays(...))")
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"{fn}: the source {getattr(source, 'name', source)!r} is empty")
+    return n
+
+
+def _check_channels(channels: Any) -> int:
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels!r} must be 1 or 3")
+    return int(channels)
+
+
+def _read_options(in_worker: bool = False) -> grain.ReadOptions:
+    # Each element here is a whole batch, so a small buffer is plenty (and bounds memory: a batch of 64 views at
+    # 224 + 128 px is 50 MB of float32). Pillow releases the GIL while decoding and resampling, so a few threads
+    # overlap well even in one process.
+    threads = max(1, min(4, os.cpu_count() or 1))
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads if in_worker else 2 * threads)
+
+
+def _mark_absl_flags_parsed() -> None:
+    # grain 0.2.18's mp_prefetch reads absl flags; outside an absl app they are unparsed and reading them raises
+    # UnparsedFlagAccessError. Marking them parsed keeps every flag at its default.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _derive_seed(seed: int, salt: int) -> int:
+    # Independent 32-bit seeds for shuffle and random_map from one user seed.
+    return int(np.random.SeedSequence((seed, salt)).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------------- element transforms
+# Module-level classes (not closures) so pipelines pickle cleanly into worker processes.
+
+
+class _AttachIndex(grain.transforms.MapWithIndex):
+    def __init__(self, size: int):
+        self.size = size
+
+    def map_with_index(self, index: int, element: dict[str, Any]) -> dict[str, Any]:
+        # Downstream of repeat, Grain passes indices past the end (epoch * size + i) straight through; the
+        # source itself wraps them, so fold them back to the position in the source.
+        return {"image": element["image"], "label": element["label"], "index": index % self.size}
+
+
+class _DrawViews(grain.transforms.RandomMap):
+    def __init__(self, mode: str, seed: int):
+        self.mode, self.seed = mode, seed
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        height, width = element["image"].shape[:2]
+        student, teacher = _views.draw_views(self.mode, rng, height, width, index=element["index"], seed=self.seed)
+        return {**element, "student_view": student, "teacher_view": teacher}
+
+
+class _RenderPair(grain.transforms.Map):
+    def __init__(self, student_res: tuple[int, int], teacher_res: tuple[int, int], channels: int):
+        self.student_res, self.teacher_res, self.channels = student_res, teacher_res, channels
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        pil = _views._as_pil(element["image"])  # one PIL image, two renders
+        return {
+            "student": _views.render(pil, element["student_view"], self.student_res, self.channels),
+            "teacher": _views.render(pil, element["teacher_view"], self.teacher_res, self.channels),
+            "label": np.int32(element["label"]),
+            "index": np.int64(element["index"]),
+        }
+
+
+class _PaddedEval(grain.transforms.Map):
+    """Index -> rendered example, or a masked zero example past the end (`index` -1, `label` -1)."""
+
+    def __init__(self, source: Any, indices: np.ndarray, render_fn: Any, shape: tuple[int, ...], key: str):
+        self.source, self.indices, self.render_fn, self.shape, self.key = source, indices, render_fn, shape, key
+
+    def map(self, i: int) -> dict[str, Any]:
+        if i >= len(self.indices):
+            return {self.key: np.zeros(self.shape, np.float32), "label": np.int32(-1), "index": np.int64(-1),
+                    "mask": np.bool_(False)}  # fmt: skip
+        index = int(self.indices[i])
+        ex = self.source[index]
+        return {self.key: self.render_fn(ex["image"], index), "label": np.int32(ex["label"]), "index": np.int64(index),
+                "mask": np.bool_(True)}  # fmt: skip
+
+
+class _RenderPlain:
+    def __init__(self, resolution: tuple[int, int], channels: int):
+        self.resolution, self.channels = resolution, channels
+
+    def __call__(self, image: np.ndarray, index: int) -> np.ndarray:
+        return _views.render(image, _views.plain_resize(), self.resolution, self.channels)
+
+
+class _RenderFixedTeacher:
+    def __init__(self, mode: str, resolution: tuple[int, int], channels: int, crops: int, seed: int):
+        self.mode, self.resolution, self.channels, self.crops, self.seed = mode, resolution, channels, crops, seed
+
+    def __call__(self, image: np.ndarray, index: int) -> np.ndarray:
+        if self.mode == "fix/ic_ens":
+            params = _views.fixed_teacher_crops(self.seed, index, image.shape[0], image.shape[1], self.crops)
+        else:  # The same deterministic views that `pipeline` renders as "teacher" for these modes.
+            params = [_views.plain_resize() if self.mode == "fix/rs" else _views.center_crop()]
+        pil = _views._as_pil(image)
+        return np.stack([_views.render(pil, p, self.resolution, self.channels) for p in params])
+
+
+# ------------------------------------------------------------------------------------------------- public pipelines
+
+
+def pipeline(
+    source: Any,
+    *,
+    mode: str,
+    student_res: int | tuple[int, int],
+    teacher_res: int | tuple[int, int] | None = None,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    epochs: int | None = None,
+    channels: int = 3,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """The distillation input pipeline: two views of every image under a teacher `mode`.
+
+    **Arguments:**
+
+    - `source`: a random-access source (`digits()`, `fashion_mnist(...)`, `image_folder(...)`, `arrays(...)`, ...).
+    - `mode`: teacher mode, one of `patient.data.MODES` (`fix/rs`, `fix/cc`, `fix/ic_ens`, `ind/rc`, `ind/ic`,
+      `same/rc`, `same/ic`, `fm`). For `fm` the pipeline yields `same/ic` views; mixup is applied on device in the
+      train step with `patient.data.mixup`. For `fix/*` the `"teacher"` view is fixed per example (plain resize,
+      centre crop, or crop 0 of `fixed_teacher_views(..., seed=seed)` for `fix/ic_ens`).
+    - `student_res`, `teacher_res`: output sizes (int or (height, width)); `teacher_res=None` means `student_res`.
+    - `batch_size`: examples per batch on this host.
+    - `seed`: drives shuffling and every crop and flip; the same seed gives the same batches.
+    - `num_workers`: 0 renders in threads of this process; N > 0 adds N worker processes (`mp_prefetch`).
+    - `shard`: `(index, count)` of this host; hosts see disjoint examples and distinct crops.
+    - `epochs`: `None` repeats forever; every epoch is reshuffled and re-cropped.
+    - `channels`: 3 (grayscale repeated) or 1 (RGB converted to luma).
+    - `drop_remainder`: drop the final partial batch (only matters when `epochs` is finite).
+
+    **Returns:** a Grain `IterDataset`; `iter(ds)` yields `{"student": f32[B, C, Hs, Ws], "teacher": f32[B, C, Ht, Wt],
+    "label": i32[B] (-1 unlabelled), "index": i64[B] (position in source)}` with pixels in [0, 1], and the iterator
+    has `get_state()` / `set_state()` for checkpointing. Close it when done.
+    """
+    n = _check_source(source, "pipeline")
+    _views.mode_info(mode)
+    s_res = _check_res("student_res", student_res)
+    t_res = s_res if teacher_res is None else _check_res("teacher_res", teacher_res)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer")
+    if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0 (0 = no worker processes)")
+    if (
+        not isinstance(shard, (tuple, list))
+        or len(shard) != 2
+        or not all(isinstance(v, (int, np.integer)) for v in shard)
+        or not 0 <= shard[0] < shard[1]
+    ):
+        raise ValueError(
+            f"shard={shard!r} must be (index, count) with 0 <= index < count, "
+            "e.g. (jax.process_index(), jax.process_count())"
+        )
+    if epochs is not None:
+        epochs = _check_positive_int("epochs", epochs)
+        per_shard = len(range(shard[0], n * epochs, shard[1]))
+        if drop_remainder and per_shard < batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {per_shard} examples this shard sees in {epochs} epoch(s); "
+                "lower batch_size, raise epochs, or pass drop_remainder=False"
+            )
+    channels = _check_channels(channels)
+
+    ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(n))
+    ds = ds.shuffle(seed=_derive_seed(seed, 1)).repeat(epochs)  # repeat reseeds the shuffle every epoch
+    ds = ds.random_map(_DrawViews(mode, seed), seed=_derive_seed(seed, 2))
+    ds = ds[shard[0] :: shard[1]]
+    ds = ds.map(_RenderPair(s_res, t_res, channels))
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    out = ds.to_iter_dataset(_read_options(in_worker=num_workers > 0))
+    if num_workers > 0:
+        _mark_absl_flags_parsed()
+        options = grain.multiprocessing.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=1)
+        out = out.mp_prefetch(options)
+    return out
+
+
+def _padded_batches(
+    source: Any, indices: np.ndarray, render_fn: Any, shape: tuple[int, ...], key: str, batch_size: int
+) -> grain.IterDataset:
+    padded = -(-len(indices) // batch_size) * batch_size
+    ds = grain.MapDataset.range(padded).map(_PaddedEval(source, indices, render_fn, shape, key))
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options())
+
+
+def eval_pipeline(
+    source: Any,
+    *,
+    resolution: int | tuple[int, int],
+    batch_size: int,
+    channels: int = 3,
+    shard: tuple[int, int] = (0, 1),
+) -> grain.IterDataset:
+    """Deterministic evaluation batches: every example once, in source order, plain resize, no augmentation.
+
+    The last batch is padded to `batch_size` with zero images; `"mask"` is True for real examples, so
+    `sum(correct * mask)` / `sum(mask)` counts every example exactly once. `shard=(i, k)` evaluates examples
+    `i, i+k, ...` (each host pads its own last batch).
+
+    **Returns:** a Grain `IterDataset` of `{"image": f32[B, C, H, W], "label": i32[B], "index": i64[B] (-1 for padding),
+    "mask": bool[B]}`.
+    """
+    n = _check_source(source, "eval_pipeline")
+    res = _check_res("resolution", resolution)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    channels = _check_channels(channels)
+    if not (isinstance(shard, (tuple, list)) and len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard={shard!r} must be (index, count) with 0 <= index < count")
+    indices = np.arange(shard[0], n, shard[1], dtype=np.int64)
+    return _padded_batches(source, indices, _RenderPlain(res, channels), (channels, *res), "image", batch_size)
+
+
+def fixed_teacher_views(
+    source: Any,
+    *,
+    mode: str,
+    resolution: int | tuple[int, int],
+    crops: int = 8,
+    seed: int = 0,
+    batch_size: int = 64,
+    channels: int = 3,
+):
+    """The teacher's fixed views of every example once, in source order, for precomputing a `fix/*` logit cache.
+
+    `fix/rs`: K=1 plain resize. `fix/cc`: K=1 centre crop (0.875). `fix/ic_ens`: K=`crops` inception crops with
+    random flips that depend only on `(seed, index)` (pass the pipeline's seed: crop 0 is its `"teacher"` view).
+    The last batch is padded and masked as in `eval_pipeline`.
+
+    **Returns:** an iterator (also iterable) of `{"teacher": f32[B, K, C, H, W], "label": i32[B], "index": i64[B],
+    "mask": bool[B]}`; close it when done.
+    """
+    n = _check_source(source, "fixed_teacher_views")
+    info = _views.mode_info(mode)
+    if not info.fixed:
+        fixed = ", ".join(m for m, i in _views.MODES.items() if i.fixed)
+        raise ValueError(f"fixed_teacher_views(mode={mode!r}): only fix/* modes have a fixed teacher; use {fixed}")
+    res = _check_res("resolution", resolution)
+    crops = _check_positive_int("crops", crops) if info.ensemble else 1
+    batch_size = _check_positive_int("batch_size", batch_size)
+    channels = _check_channels(channels)
+    render_fn = _RenderFixedTeacher(mode, res, channels, crops, int(seed))
+    indices = np.arange(n, dtype=np.int64)
+    return iter(_padded_batches(source, indices, render_fn, (crops, channels, *res), "teacher", batch_size))

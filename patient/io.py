@@ -1,0 +1,150 @@
+"""The `.eqx` file: one self-describing file per model.
+
+Layout: one line of JSON (the header), a newline, then the `equinox.tree_serialise_leaves` payload of `(model, state)`.
+The header carries a magic string, the format version, the model spec (enough to rebuild the module tree), class names,
+preprocessing, the patient version, user metadata, the sha256 and length of the payload and a sha256 of the header
+itself, so a damaged header is caught before anything is built from it. Writes go to a temporary file
+in the same folder and are renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import equinox as eqx
+import jax
+
+MAGIC = "patient-eqx"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+
+
+class PatientFileError(ValueError):
+    """A file that is not a readable patient `.eqx` file (truncated, tampered, wrong magic or version, ...)."""
+
+
+def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
+    """Write `(model, state)` to one `.eqx` file, atomically.
+
+    **Arguments:**
+    - `path`: destination (conventionally `*.eqx`).
+    - `model`, `state`: a registry model and its state (`{}` or `None` for GroupNorm models).
+    - `class_names`: optional list of `num_classes` names, kept in the header.
+    - `meta`: optional JSON-serialisable dict (training config, metrics, ...).
+
+    **Returns:** the path written.
+    """
+    from .models.registry import spec_of
+
+    path = Path(path)
+    spec = spec_of(model)
+    state = {} if state is None else state
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != spec.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} entries but the model has {spec.num_classes} classes")
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, (model, state))
+    payload = buf.getvalue()
+    from . import __version__
+
+    header = {
+        "magic": MAGIC,
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_json(),
+        "class_names": class_names,
+        "preprocessing": {"input_range": [0.0, 1.0], "layout": "NCHW", "mean": list(spec.mean), "std": list(spec.std),
+                          "resolution": spec.resolution},
+        "patient_version": __version__,
+        "meta": meta or {},
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "payload_bytes": len(payload),
+    }
+    try:
+        header["header_sha256"] = _header_hash(header)
+        line = json.dumps(header, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta for {path} is not JSON-serialisable: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(line + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _header_hash(header: dict) -> str:
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def read_header(path) -> tuple[dict, bytes]:
+    """Parse and check the header; returns `(header, payload)` with the payload's length and hash verified."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    nl = data.find(b"\n", 0, MAX_HEADER_BYTES)
+    if nl < 0:
+        raise PatientFileError(f"{path}: not a patient .eqx file (no header line); write models with patient.save")
+    try:
+        header = json.loads(data[:nl].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PatientFileError(f"{path}: not a patient .eqx file (header is not JSON); write models with patient.save") from None
+    if not isinstance(header, dict) or header.get("magic") != MAGIC:
+        raise PatientFileError(f"{path}: wrong magic, not a patient .eqx file; write models with patient.save")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise PatientFileError(
+            f"{path}: .eqx format version {header.get('format_version')!r} is not supported by this patient "
+            f"(reads version {FORMAT_VERSION}); upgrade patient or re-save the model")
+    try:
+        intact = header.get("header_sha256") == _header_hash(header)
+    except (TypeError, ValueError):
+        intact = False
+    if not intact:
+        raise PatientFileError(f"{path}: header hash mismatch; the header was modified after saving")
+    payload = data[nl + 1:]
+    want_len, want_hash = header.get("payload_bytes"), header.get("payload_sha256")
+    if not isinstance(want_len, int) or not isinstance(want_hash, str):
+        raise PatientFileError(f"{path}: header lacks payload_bytes/payload_sha256; the file is damaged")
+    if len(payload) != want_len:
+        raise PatientFileError(f"{path}: truncated or padded file (payload {len(payload)} bytes, header says {want_len})")
+    if hashlib.sha256(payload).hexdigest() != want_hash:
+        raise PatientFileError(f"{path}: payload hash mismatch; the file is corrupt or was modified after saving")
+    return header, payload
+
+
+def load(path):
+    """Read a `.eqx` file written by `save`.
+
+    **Returns:** `(model, state, meta)` where `meta` is the header dict (spec, class names, preprocessing, user meta).
+    **Raises:** `FileNotFoundError` for a missing file, `PatientFileError` for anything that is not an intact patient file.
+    """
+    from .models.registry import ModelSpec, build, describe
+
+    header, payload = read_header(path)
+    try:
+        spec = ModelSpec.from_json(header["spec"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise PatientFileError(f"{path}: header has no valid model spec; the file is damaged") from None
+    try:
+        describe(spec.name)
+    except ValueError:
+        raise PatientFileError(f"{path}: unknown model {spec.name!r} (written by a newer patient?)") from None
+    try:
+        skeleton = build(spec, None)  # zero-filled module tree of the right shapes
+        model, state = eqx.tree_deserialise_leaves(io.BytesIO(payload), skeleton)
+    except Exception as e:  # any mismatch between spec and payload is a damaged file, reported as such
+        raise PatientFileError(f"{path}: payload does not match its model spec ({type(e).__name__}); the file is damaged") from None
+    return model, state, header

@@ -1,0 +1,136 @@
+"""BiT ResNetV2: pre-activation bottlenecks, GroupNorm(32) and weight-standardised convolutions.
+
+Numerically the network of timm's `resnetv2_*_bit` and of the BiT / big_vision `.npz` files: a 7x7 root conv (stride 2),
+a zero pad of 1 and a 3x3/2 max-pool ("fixed" stem), four stages whose first unit always has a 1x1 projection, a final
+GroupNorm + ReLU, global average pooling and a linear head. Attribute names mirror timm's state-dict keys.
+A CIFAR stem (3x3 conv, stride 1, no pool) serves small images.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .layers import split, Conv2d, GroupNorm, Linear, Normalize, make_divisible, max_pool
+
+WS_EPS = 1e-8  # BiT standardises kernels with this epsilon (timm: StdConv2d(eps=1e-8))
+
+
+def _gn_relu(norm: GroupNorm, x):
+    return jax.nn.relu(norm(x))
+
+
+class Downsample(eqx.Module):
+    conv: Conv2d
+
+
+class PreActBottleneck(eqx.Module):
+    """x -> GN-ReLU -> (projection of the pre-activation | x) + conv3(GN-ReLU(conv2(GN-ReLU(conv1(.)))))."""
+
+    norm1: GroupNorm
+    conv1: Conv2d
+    norm2: GroupNorm
+    conv2: Conv2d
+    norm3: GroupNorm
+    conv3: Conv2d
+    downsample: Downsample | None
+
+    def __init__(self, in_ch, out_ch, stride, project, groups, *, key):
+        mid = make_divisible(out_ch * 0.25)
+        k1, k2, k3, k4 = split(key, 4)
+        self.norm1 = GroupNorm(in_ch, groups)
+        self.conv1 = Conv2d(in_ch, mid, 1, ws_eps=WS_EPS, key=k1)
+        self.norm2 = GroupNorm(mid, groups)
+        self.conv2 = Conv2d(mid, mid, 3, stride=stride, ws_eps=WS_EPS, key=k2)
+        self.norm3 = GroupNorm(mid, groups)
+        # Zero-init the last conv so every unit starts as the identity (timm's zero_init_last).
+        conv3 = Conv2d(mid, out_ch, 1, ws_eps=WS_EPS, key=k3)
+        self.conv3 = eqx.tree_at(lambda c: c.weight, conv3, jnp.asarray(np.zeros(conv3.weight.shape, np.float32)))
+        self.downsample = Downsample(Conv2d(in_ch, out_ch, 1, stride=stride, ws_eps=WS_EPS, key=k4)) if project else None
+
+    def __call__(self, x):
+        pre = _gn_relu(self.norm1, x)
+        shortcut = x if self.downsample is None else self.downsample.conv(pre)
+        y = self.conv1(pre)
+        y = self.conv2(_gn_relu(self.norm2, y))
+        y = self.conv3(_gn_relu(self.norm3, y))
+        return y + shortcut
+
+
+class Stage(eqx.Module):
+    blocks: list
+
+
+class Stem(eqx.Module):
+    conv: Conv2d
+    pool: bool = eqx.field(static=True)
+
+
+class Head(eqx.Module):
+    fc: Linear
+
+
+class BiTResNetV2(eqx.Module):
+    """BiT ResNetV2 on one (3, H, W) image in [0, 1]; returns (logits, features, state)."""
+
+    normalize: Normalize
+    stem: Stem
+    stages: list
+    norm: GroupNorm
+    head: Head
+    spec: object = eqx.field(static=True)
+
+    def __init__(self, *, depths, width, num_classes, channels=(256, 512, 1024, 2048), stem="fixed", groups=32,
+                 in_chans=3, spec=None, key):
+        keys = split(key, len(depths) + 2)
+        stem_ch = make_divisible(64 * width)
+        if stem == "fixed":
+            self.stem = Stem(Conv2d(in_chans, stem_ch, 7, stride=2, padding=3, ws_eps=WS_EPS, key=keys[0]), True)
+        elif stem == "cifar":
+            self.stem = Stem(Conv2d(in_chans, stem_ch, 3, stride=1, padding=1, ws_eps=WS_EPS, key=keys[0]), False)
+        else:
+            raise ValueError(f"BiT stem must be 'fixed' or 'cifar', got {stem!r}.")
+        stages, prev = [], stem_ch
+        for i, depth in enumerate(depths):
+            out = make_divisible(channels[i] * width)
+            bkeys = split(keys[i + 1], depth)
+            blocks = [
+                PreActBottleneck(prev if j == 0 else out, out, (1 if i == 0 else 2) if j == 0 else 1, j == 0, groups,
+                                 key=bkeys[j])
+                for j in range(depth)
+            ]
+            stages.append(Stage(blocks))
+            prev = out
+        self.stages = stages
+        self.norm = GroupNorm(prev, groups)
+        # BiT zero-initialises the head (timm does too), so a fresh model predicts the uniform distribution.
+        self.head = Head(Linear(prev, num_classes, key=keys[-1], zero_init=True))
+        self.normalize = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.spec = spec
+
+    def __call__(self, x, state, *, train=False, key=None):
+        feats = {}
+        x = self.stem.conv(self.normalize(x))
+        feats["stem"] = x
+        if self.stem.pool:
+            # BiT's "fixed" padding: an explicit zero pad of one, then a 3x3/2 max-pool without padding.
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1)))
+            x = max_pool(x, 3, 2, 0)
+        for i, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                x = block(x)
+            feats[f"stage{i + 1}"] = x
+        x = _gn_relu(self.norm, x)
+        pooled = x.mean(axis=(1, 2))
+        feats["pre_logits"] = pooled
+        return self.head.fc(pooled), feats, state
+
+
+def timm_name(name: str) -> str:
+    """patient parameter name -> timm `resnetv2_*_bit` state-dict key (the layouts are the same)."""
+    return name
+
+
+DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}

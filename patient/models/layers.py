@@ -1,0 +1,223 @@
+"""Small layers every model family is built from.
+
+Each layer acts on ONE example, channels first (C, H, W); batching is `jax.vmap(..., axis_name="batch")` in
+`patient.models.apply`. Layers with running statistics (BatchNorm) read and write a plain dict state keyed by the
+layer's dotted name, so the same name identifies the statistic in a timm state dict, in a checkpoint and in the .eqx file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+State = dict  # {bn_name: {"mean": f32[C], "var": f32[C]}}
+
+BATCH_AXIS = "batch"
+
+
+def host_rng(key) -> np.random.Generator:
+    """A numpy Generator seeded from a JAX key: initialising with numpy avoids compiling one random op per layer shape
+    (a 25M-parameter model is built in well under a second) while keeping all randomness derived from `key`."""
+    if key is None:
+        return _Zeros()
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+class _Zeros:
+    """Stands in for a Generator when building a skeleton to load values into (`key=None`): zeros, no random work."""
+
+    def standard_normal(self, shape, dtype=np.float32):
+        return np.zeros(shape, dtype)
+
+    def uniform(self, low, high, shape):
+        return np.zeros(shape, np.float32)
+
+
+def split(key, n: int) -> list:
+    """`n` independent keys; fold_in compiles once, where jax.random.split would compile once per `n`."""
+    return [None if key is None else jax.random.fold_in(key, i) for i in range(n)]
+
+
+def _pad_pairs(padding: int | tuple) -> tuple:
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    return tuple(tuple(p) for p in padding)
+
+
+class Conv2d(eqx.Module):
+    """2-D convolution on one (C, H, W) example, PyTorch padding conventions.
+
+    With `ws_eps` set the kernel is weight-standardised (per output channel, biased variance) before use, as BiT's
+    `StdConv2d` does; the stored `weight` stays the raw parameter.
+    """
+
+    weight: Array  # (O, I // groups, kh, kw)
+    bias: Array | None
+    stride: int = eqx.field(static=True)
+    padding: tuple = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+    ws_eps: float | None = eqx.field(static=True)
+
+    def __init__(self, in_ch, out_ch, kernel, *, stride=1, padding=None, groups=1, bias=False, ws_eps=None, key):
+        if padding is None:
+            padding = ((stride - 1) + (kernel - 1)) // 2  # timm's get_padding for dilation 1
+        fan_out = out_ch * kernel * kernel // groups
+        w = host_rng(key).standard_normal((out_ch, in_ch // groups, kernel, kernel), dtype=np.float32)
+        self.weight = jnp.asarray(w * np.float32(math.sqrt(2.0 / fan_out)))
+        self.bias = jnp.asarray(np.zeros((out_ch,), np.float32)) if bias else None
+        self.stride = stride
+        self.padding = _pad_pairs(padding)
+        self.groups = groups
+        self.ws_eps = ws_eps
+
+    def kernel(self) -> Array:
+        """The kernel actually convolved with (weight-standardised when `ws_eps` is set)."""
+        w = self.weight
+        if self.ws_eps is not None:
+            mean = w.mean(axis=(1, 2, 3), keepdims=True)
+            var = w.var(axis=(1, 2, 3), keepdims=True)
+            w = (w - mean) * lax.rsqrt(var + self.ws_eps)
+        return w
+
+    def __call__(self, x: Array) -> Array:
+        w = self.kernel().astype(x.dtype)
+        y = lax.conv_general_dilated(
+            x[None], w, (self.stride, self.stride), self.padding,
+            dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=self.groups,
+        )[0]
+        if self.bias is not None:
+            y = y + self.bias.astype(x.dtype)[:, None, None]
+        return y
+
+
+class Linear(eqx.Module):
+    """Dense layer on a vector; PyTorch's (out, in) weight layout and default uniform init."""
+
+    weight: Array
+    bias: Array
+
+    def __init__(self, in_features, out_features, *, key, zero_init=False):
+        bound = 1.0 / math.sqrt(in_features)
+        if zero_init:
+            self.weight = jnp.asarray(np.zeros((out_features, in_features), np.float32))
+            self.bias = jnp.asarray(np.zeros((out_features,), np.float32))
+        else:
+            rng = host_rng(key)
+            self.weight = jnp.asarray(rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
+            self.bias = jnp.asarray(rng.uniform(-bound, bound, (out_features,)).astype(np.float32))
+
+    def __call__(self, x: Array) -> Array:
+        return self.weight.astype(x.dtype) @ x + self.bias.astype(x.dtype)
+
+
+class GroupNorm(eqx.Module):
+    """GroupNorm over (C, H, W) with per-channel affine; statistics in float32 whatever the input dtype."""
+
+    weight: Array
+    bias: Array
+    groups: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, channels, groups=32, eps=1e-5):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups; pick a width that is.")
+        self.weight = jnp.asarray(np.ones((channels,), np.float32))
+        self.bias = jnp.asarray(np.zeros((channels,), np.float32))
+        self.groups = groups
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        c, h, w = x.shape
+        xg = x.astype(jnp.float32).reshape(self.groups, -1)
+        mean = xg.mean(axis=1, keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=1, keepdims=True)
+        xg = (xg - mean) * lax.rsqrt(var + self.eps)
+        y = xg.reshape(c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
+        return y.astype(x.dtype)
+
+
+class BatchNorm(eqx.Module):
+    """BatchNorm2d with PyTorch semantics (momentum 0.1, unbiased running variance, biased batch variance).
+
+    In training the statistics are reduced over the vmapped `batch` axis (and, under a sharded jit, over every device
+    holding part of that batch), so they are true batch statistics. Running statistics live in `state[self.name]`.
+    """
+
+    weight: Array
+    bias: Array
+    name: str = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+
+    def __init__(self, channels, name, *, eps=1e-5, momentum=0.1):
+        self.weight = jnp.asarray(np.ones((channels,), np.float32))
+        self.bias = jnp.asarray(np.zeros((channels,), np.float32))
+        self.name = name
+        self.eps = eps
+        self.momentum = momentum
+
+    def init_state(self) -> State:
+        c = self.weight.shape[0]
+        return {self.name: {"mean": jnp.asarray(np.zeros((c,), np.float32)), "var": jnp.asarray(np.ones((c,), np.float32))}}
+
+    def __call__(self, x: Array, state: State, train: bool) -> tuple[Array, State]:
+        xf = x.astype(jnp.float32)
+        if train:
+            mean = lax.pmean(xf.mean(axis=(1, 2)), BATCH_AXIS)
+            var = lax.pmean(jnp.square(xf - mean[:, None, None]).mean(axis=(1, 2)), BATCH_AXIS)
+            n = lax.psum(1, BATCH_AXIS) * x.shape[1] * x.shape[2]
+            running = state[self.name]
+            m = self.momentum
+            new = {
+                "mean": (1 - m) * running["mean"] + m * mean,
+                "var": (1 - m) * running["var"] + m * var * (n / max(n - 1, 1)),
+            }
+            state = {**state, self.name: new}
+        else:
+            mean, var = state[self.name]["mean"], state[self.name]["var"]
+        scale = self.weight * lax.rsqrt(var + self.eps)
+        y = xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]
+        return y.astype(x.dtype), state
+
+
+class Normalize(eqx.Module):
+    """Maps [0, 1] images to the model's expected input range; constants are static so export can fold them."""
+
+    mean: tuple = eqx.field(static=True)
+    std: tuple = eqx.field(static=True)
+
+    def __call__(self, x: Array) -> Array:
+        mean = jnp.asarray(self.mean, x.dtype)[:, None, None]
+        std = jnp.asarray(self.std, x.dtype)[:, None, None]
+        return (x - mean) / std
+
+
+def max_pool(x: Array, kernel: int, stride: int, padding: int) -> Array:
+    """Max-pool one (C, H, W) example, padding with -inf (PyTorch's MaxPool2d)."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, kernel, kernel), (1, stride, stride),
+        ((0, 0), (padding, padding), (padding, padding)),
+    )
+
+
+def hard_sigmoid(x: Array) -> Array:
+    return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def hard_swish(x: Array) -> Array:
+    return x * hard_sigmoid(x)
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """Round channels to a multiple of `divisor`, never dropping below `round_limit` of the request (timm's rule)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v

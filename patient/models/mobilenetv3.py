@@ -1,0 +1,199 @@
+"""MobileNetV3 (Howard et al. 2019), the network of timm's `mobilenetv3_{small,large}_*`.
+
+Blocks are depthwise-separable (`ds`), inverted residual (`ir`) and conv-BN-act (`cn`); activations are ReLU or
+hard-swish, squeeze-excite gates are hard-sigmoid, channels are scaled by a width multiplier and rounded to multiples of
+8 (timm's `round_channels`). The head pools first, then a 1x1 conv with bias and hard-swish (1024 or 1280 wide), then the
+classifier. Attribute names mirror timm's state-dict keys.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+
+from .layers import split, BatchNorm, Conv2d, Linear, Normalize, hard_sigmoid, hard_swish, make_divisible
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (kind, repeats, kernel, stride, expansion, out channels, squeeze-excite, activation) per block group.
+SMALL = [
+    [("ds", 1, 3, 2, 1.0, 16, True, "relu")],
+    [("ir", 1, 3, 2, 4.5, 24, False, "relu"), ("ir", 1, 3, 1, 3.67, 24, False, "relu")],
+    [("ir", 1, 5, 2, 4.0, 40, True, "hswish"), ("ir", 2, 5, 1, 6.0, 40, True, "hswish")],
+    [("ir", 2, 5, 1, 3.0, 48, True, "hswish")],
+    [("ir", 3, 5, 2, 6.0, 96, True, "hswish")],
+    [("cn", 1, 1, 1, 1.0, 576, False, "hswish")],
+]
+LARGE = [
+    [("ds", 1, 3, 1, 1.0, 16, False, "relu")],
+    [("ir", 1, 3, 2, 4.0, 24, False, "relu"), ("ir", 1, 3, 1, 3.0, 24, False, "relu")],
+    [("ir", 3, 5, 2, 3.0, 40, True, "relu")],
+    [("ir", 1, 3, 2, 6.0, 80, False, "hswish"), ("ir", 1, 3, 1, 2.5, 80, False, "hswish"),
+     ("ir", 2, 3, 1, 2.3, 80, False, "hswish")],
+    [("ir", 2, 3, 1, 6.0, 112, True, "hswish")],
+    [("ir", 3, 5, 2, 6.0, 160, True, "hswish")],
+    [("cn", 1, 1, 1, 1.0, 960, False, "hswish")],
+]
+ACTS = {"relu": jax.nn.relu, "hswish": hard_swish}
+
+
+class SqueezeExcite(eqx.Module):
+    conv_reduce: Conv2d
+    conv_expand: Conv2d
+
+    def __init__(self, channels, *, key):
+        rd = make_divisible(channels * 0.25, 8)
+        k1, k2 = split(key, 2)
+        self.conv_reduce = Conv2d(channels, rd, 1, padding=0, bias=True, key=k1)
+        self.conv_expand = Conv2d(rd, channels, 1, padding=0, bias=True, key=k2)
+
+    def __call__(self, x):
+        s = x.mean(axis=(1, 2), keepdims=True)
+        s = self.conv_expand(jax.nn.relu(self.conv_reduce(s)))
+        return x * hard_sigmoid(s)
+
+
+class DepthwiseSeparable(eqx.Module):
+    conv_dw: Conv2d
+    bn1: BatchNorm
+    se: SqueezeExcite | None
+    conv_pw: Conv2d
+    bn2: BatchNorm
+    act: str = eqx.field(static=True)
+    skip: bool = eqx.field(static=True)
+
+    def __init__(self, in_ch, out_ch, kernel, stride, se, act, name, *, key):
+        k1, k2, k3 = split(key, 3)
+        self.conv_dw = Conv2d(in_ch, in_ch, kernel, stride=stride, groups=in_ch, key=k1)
+        self.bn1 = BatchNorm(in_ch, f"{name}.bn1")
+        self.se = SqueezeExcite(in_ch, key=k2) if se else None
+        self.conv_pw = Conv2d(in_ch, out_ch, 1, padding=0, key=k3)
+        self.bn2 = BatchNorm(out_ch, f"{name}.bn2")
+        self.act = act
+        self.skip = stride == 1 and in_ch == out_ch
+
+    def __call__(self, x, state, train):
+        act = ACTS[self.act]
+        y, state = self.bn1(self.conv_dw(x), state, train)
+        y = act(y)
+        if self.se is not None:
+            y = self.se(y)
+        y, state = self.bn2(self.conv_pw(y), state, train)
+        return (y + x if self.skip else y), state
+
+
+class InvertedResidual(eqx.Module):
+    conv_pw: Conv2d
+    bn1: BatchNorm
+    conv_dw: Conv2d
+    bn2: BatchNorm
+    se: SqueezeExcite | None
+    conv_pwl: Conv2d
+    bn3: BatchNorm
+    act: str = eqx.field(static=True)
+    skip: bool = eqx.field(static=True)
+
+    def __init__(self, in_ch, out_ch, kernel, stride, exp, se, act, name, *, key):
+        mid = make_divisible(in_ch * exp)
+        k1, k2, k3, k4 = split(key, 4)
+        self.conv_pw = Conv2d(in_ch, mid, 1, padding=0, key=k1)
+        self.bn1 = BatchNorm(mid, f"{name}.bn1")
+        self.conv_dw = Conv2d(mid, mid, kernel, stride=stride, groups=mid, key=k2)
+        self.bn2 = BatchNorm(mid, f"{name}.bn2")
+        self.se = SqueezeExcite(mid, key=k3) if se else None
+        self.conv_pwl = Conv2d(mid, out_ch, 1, padding=0, key=k4)
+        self.bn3 = BatchNorm(out_ch, f"{name}.bn3")
+        self.act = act
+        self.skip = stride == 1 and in_ch == out_ch
+
+    def __call__(self, x, state, train):
+        act = ACTS[self.act]
+        y, state = self.bn1(self.conv_pw(x), state, train)
+        y, state = self.bn2(self.conv_dw(act(y)), state, train)
+        y = act(y)
+        if self.se is not None:
+            y = self.se(y)
+        y, state = self.bn3(self.conv_pwl(y), state, train)
+        return (y + x if self.skip else y), state
+
+
+class ConvBnAct(eqx.Module):
+    conv: Conv2d
+    bn1: BatchNorm
+    act: str = eqx.field(static=True)
+
+    def __init__(self, in_ch, out_ch, act, name, *, key):
+        self.conv = Conv2d(in_ch, out_ch, 1, padding=0, key=key)
+        self.bn1 = BatchNorm(out_ch, f"{name}.bn1")
+        self.act = act
+
+    def __call__(self, x, state, train):
+        y, state = self.bn1(self.conv(x), state, train)
+        return ACTS[self.act](y), state
+
+
+class MobileNetV3(eqx.Module):
+    """MobileNetV3 on one (3, H, W) image in [0, 1]; returns (logits, features, state)."""
+
+    normalize: Normalize
+    conv_stem: Conv2d
+    bn1: BatchNorm
+    blocks: list
+    conv_head: Conv2d
+    classifier: Linear
+    reductions: tuple = eqx.field(static=True)
+    spec: object = eqx.field(static=True)
+
+    def __init__(self, *, size, width, num_classes, in_chans=3, spec=None, key):
+        arch = {"small": SMALL, "large": LARGE}[size]
+        num_features = 1024 if size == "small" else 1280
+        stem = 16 if width < 0.75 else make_divisible(16 * width)  # timm keeps the stem at 16 below 0.75x
+        keys = split(key, len(arch) + 3)
+        self.conv_stem = Conv2d(in_chans, stem, 3, stride=2, padding=1, key=keys[0])
+        self.bn1 = BatchNorm(stem, "bn1")
+        blocks, prev, stride_so_far, reductions = [], stem, 2, []
+        for s, group in enumerate(arch):
+            stage, j = [], 0
+            gkeys = split(keys[s + 1], sum(r for _, r, *_ in group))
+            for kind, repeats, kernel, stride, exp, out, se, act in group:
+                out = make_divisible(out * width)
+                for r in range(repeats):
+                    name, st = f"blocks.{s}.{j}", stride if r == 0 else 1
+                    if kind == "ds":
+                        stage.append(DepthwiseSeparable(prev, out, kernel, st, se, act, name, key=gkeys[j]))
+                    elif kind == "ir":
+                        stage.append(InvertedResidual(prev, out, kernel, st, exp, se, act, name, key=gkeys[j]))
+                    else:
+                        stage.append(ConvBnAct(prev, out, act, name, key=gkeys[j]))
+                    prev, stride_so_far, j = out, stride_so_far * st, j + 1
+            blocks.append(stage)
+            reductions.append(stride_so_far)
+        self.blocks = blocks
+        self.reductions = tuple(reductions)
+        self.conv_head = Conv2d(prev, num_features, 1, padding=0, bias=True, key=keys[-2])
+        self.classifier = Linear(num_features, num_classes, key=keys[-1])
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.spec = spec
+
+    def __call__(self, x, state, *, train=False, key=None):
+        feats = {}
+        x, state = self.bn1(self.conv_stem(self.normalize(x)), state, train)
+        x = hard_swish(x)
+        feats["stem"] = x
+        # stage1..stage4 = the last block group output at reductions 4, 8, 16 and 32.
+        names = {4: "stage1", 8: "stage2", 16: "stage3", 32: "stage4"}
+        for stage, red in zip(self.blocks, self.reductions):
+            for block in stage:
+                x, state = block(x, state, train)
+            if red in names:
+                feats[names[red]] = x
+        pooled = x.mean(axis=(1, 2), keepdims=True)
+        head = hard_swish(self.conv_head(pooled)).reshape(-1)
+        feats["pre_logits"] = head
+        return self.classifier(head), feats, state
+
+
+def timm_name(name: str) -> str:
+    """patient parameter / statistic name -> timm `mobilenetv3_*` state-dict key (the layouts are the same)."""
+    return name

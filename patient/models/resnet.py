@@ -1,0 +1,159 @@
+"""ResNet v1.5 with BatchNorm (torchvision / timm `resnet*`) and the CIFAR ResNets of the distillation literature.
+
+ImageNet ResNets: 7x7/2 conv stem + BN-ReLU + 3x3/2 max-pool, four stages of basic or bottleneck blocks with the stride on
+the 3x3 conv (v1.5), 1x1 conv + BN projections, average pooling, a linear head.
+CIFAR ResNets (`cifar_resnet20` .. `cifar_resnet110`, `resnet8x4`, `resnet32x4`): a 3x3 stem, three stages of basic
+blocks with (depth - 2) / 6 blocks each, 1x1 conv + BN projections where the shape changes (as in the CRD / RepDistiller
+benchmark code), no max-pool.
+"""
+
+from __future__ import annotations
+
+import re
+
+import equinox as eqx
+import jax
+
+from .layers import split, BatchNorm, Conv2d, Linear, Normalize, max_pool
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _bn(state, bn, x, train):
+    return bn(x, state, train)
+
+
+class BasicBlock(eqx.Module):
+    conv1: Conv2d
+    bn1: BatchNorm
+    conv2: Conv2d
+    bn2: BatchNorm
+    downsample: tuple | None
+    expansion = 1
+
+    def __init__(self, in_ch, planes, stride, name, *, key):
+        k1, k2, k3 = split(key, 3)
+        self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, key=k1)
+        self.bn1 = BatchNorm(planes, f"{name}.bn1")
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, key=k2)
+        self.bn2 = BatchNorm(planes, f"{name}.bn2")
+        out = planes
+        self.downsample = None
+        if stride != 1 or in_ch != out:
+            self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, key=k3), BatchNorm(out, f"{name}.downsample.1"))
+
+    def __call__(self, x, state, train):
+        y, state = self.bn1(self.conv1(x), state, train)
+        y, state = self.bn2(self.conv2(jax.nn.relu(y)), state, train)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut, state = self.downsample[1](self.downsample[0](x), state, train)
+        return jax.nn.relu(y + shortcut), state
+
+
+class Bottleneck(eqx.Module):
+    conv1: Conv2d
+    bn1: BatchNorm
+    conv2: Conv2d
+    bn2: BatchNorm
+    conv3: Conv2d
+    bn3: BatchNorm
+    downsample: tuple | None
+    expansion = 4
+
+    def __init__(self, in_ch, planes, stride, name, *, key):
+        k1, k2, k3, k4 = split(key, 4)
+        out = planes * 4
+        self.conv1 = Conv2d(in_ch, planes, 1, padding=0, key=k1)
+        self.bn1 = BatchNorm(planes, f"{name}.bn1")
+        self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, key=k2)
+        self.bn2 = BatchNorm(planes, f"{name}.bn2")
+        self.conv3 = Conv2d(planes, out, 1, padding=0, key=k3)
+        self.bn3 = BatchNorm(out, f"{name}.bn3")
+        self.downsample = None
+        if stride != 1 or in_ch != out:
+            self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, key=k4), BatchNorm(out, f"{name}.downsample.1"))
+
+    def __call__(self, x, state, train):
+        y, state = self.bn1(self.conv1(x), state, train)
+        y, state = self.bn2(self.conv2(jax.nn.relu(y)), state, train)
+        y, state = self.bn3(self.conv3(jax.nn.relu(y)), state, train)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut, state = self.downsample[1](self.downsample[0](x), state, train)
+        return jax.nn.relu(y + shortcut), state
+
+
+class ResNet(eqx.Module):
+    """ResNet on one (3, H, W) image in [0, 1]; returns (logits, features, state)."""
+
+    normalize: Normalize
+    conv1: Conv2d
+    bn1: BatchNorm
+    layers: list
+    fc: Linear
+    pool: bool = eqx.field(static=True)
+    spec: object = eqx.field(static=True)
+
+    def __init__(self, *, depths, channels, block, num_classes, stem="imagenet", stem_width=64, in_chans=3,
+                 spec=None, key):
+        block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        keys = split(key, len(depths) + 2)
+        if stem == "imagenet":
+            self.conv1 = Conv2d(in_chans, stem_width, 7, stride=2, padding=3, key=keys[0])
+            self.pool = True
+        elif stem == "cifar":
+            self.conv1 = Conv2d(in_chans, stem_width, 3, stride=1, padding=1, key=keys[0])
+            self.pool = False
+        else:
+            raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {stem!r}.")
+        self.bn1 = BatchNorm(stem_width, "bn1")
+        layers, prev = [], stem_width
+        for i, (depth, planes) in enumerate(zip(depths, channels)):
+            bkeys = split(keys[i + 1], depth)
+            blocks = []
+            for j in range(depth):
+                stride = (1 if i == 0 else 2) if j == 0 else 1
+                blocks.append(block_cls(prev, planes, stride, f"layers.{i}.{j}", key=bkeys[j]))
+                prev = planes * block_cls.expansion
+            layers.append(blocks)
+        self.layers = layers
+        self.fc = Linear(prev, num_classes, key=keys[-1])
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.spec = spec
+
+    def init_state(self):
+        state = {}
+        for leaf in jax.tree_util.tree_leaves(self, is_leaf=lambda m: isinstance(m, BatchNorm)):
+            if isinstance(leaf, BatchNorm):
+                state.update(leaf.init_state())
+        return state
+
+    def __call__(self, x, state, *, train=False, key=None):
+        feats = {}
+        x, state = self.bn1(self.conv1(self.normalize(x)), state, train)
+        x = jax.nn.relu(x)
+        feats["stem"] = x
+        if self.pool:
+            x = max_pool(x, 3, 2, 1)
+        for i, blocks in enumerate(self.layers):
+            for block in blocks:
+                x, state = block(x, state, train)
+            feats[f"stage{i + 1}"] = x
+        pooled = x.mean(axis=(1, 2))
+        feats["pre_logits"] = pooled
+        return self.fc(pooled), feats, state
+
+
+def timm_name(name: str) -> str:
+    """patient parameter / statistic name -> timm `resnet*` state-dict key (`layers.0.1.conv1` -> `layer1.1.conv1`)."""
+    return re.sub(r"^layers\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}.", name)
+
+
+IMAGENET_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}

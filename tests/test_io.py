@@ -1,0 +1,149 @@
+"""The .eqx file: bit-exact round trips for every registry model and one clear error for every kind of damage."""
+
+import json
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import patient
+from patient.io import PatientFileError
+from patient.models import create, list_models
+
+BIG = [n for n in list_models() if n.startswith(("bit_r101x3", "bit_r152", "bit_r50x3"))]
+
+
+def _perturbed_state(state, key):
+    # Non-default running statistics, so the test sees them survive the trip.
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(key, max(1, len(leaves)))
+    return jax.tree_util.tree_unflatten(treedef, [l + jax.random.uniform(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def _assert_identical(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_round_trip_bit_exact(name, tmp_path, getkey):
+    if name in BIG:
+        # 0.2-0.9 G parameters: a zero-filled skeleton (no random init) with a random head keeps the test quick.
+        model, state = create(name, num_classes=5, key=None)
+        model = eqx.tree_at(lambda m: m.head.fc.weight, model, jax.random.normal(getkey(), model.head.fc.weight.shape))
+    else:
+        model, state = create(name, num_classes=5, key=getkey())
+    state = _perturbed_state(state, getkey())
+    path = patient.save(tmp_path / "m.eqx", model, state, class_names=list("abcde"), meta={"note": name})
+    m2, s2, header = patient.load(path)
+    _assert_identical((model, state), (m2, s2))
+    assert m2.spec == model.spec
+    assert header["class_names"] == list("abcde") and header["meta"] == {"note": name}
+    assert not list(tmp_path.glob(".*tmp")), "no temporary file may be left behind"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, state = create("cifar_resnet20", num_classes=3, key=jax.random.key(1))
+    path = tmp_path_factory.mktemp("eqx") / "good.eqx"
+    patient.save(path, model, state)
+    return path
+
+
+def test_truncated_file(saved, tmp_path):
+    bad = tmp_path / "trunc.eqx"
+    bad.write_bytes(saved.read_bytes()[:-100])
+    with pytest.raises(PatientFileError, match=r"trunc\.eqx: truncated"):
+        patient.load(bad)
+
+
+def test_wrong_magic(saved, tmp_path):
+    data = saved.read_bytes().replace(b'"patient-eqx"', b'"patient-eqy"', 1)
+    bad = tmp_path / "magic.eqx"
+    bad.write_bytes(data)
+    with pytest.raises(PatientFileError, match=r"magic\.eqx: wrong magic"):
+        patient.load(bad)
+
+
+def test_tampered_payload(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[-10] ^= 0xFF
+    bad = tmp_path / "tamper.eqx"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(PatientFileError, match=r"tamper\.eqx: payload hash mismatch"):
+        patient.load(bad)
+
+
+def test_tampered_header(saved, tmp_path):
+    head, payload = saved.read_bytes().split(b"\n", 1)
+    header = json.loads(head)
+    header["spec"]["num_classes"] = 4
+    bad = tmp_path / "head.eqx"
+    bad.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+    with pytest.raises(PatientFileError, match=r"head\.eqx: header hash mismatch"):
+        patient.load(bad)
+
+
+def test_unknown_model_name_in_file(saved, tmp_path):
+    from patient.io import _header_hash
+
+    head, payload = saved.read_bytes().split(b"\n", 1)
+    header = json.loads(head)
+    header["spec"]["name"] = "resnet9000"
+    header["header_sha256"] = _header_hash(header)
+    bad = tmp_path / "unknown.eqx"
+    bad.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+    with pytest.raises(PatientFileError, match=r"unknown\.eqx: unknown model 'resnet9000'"):
+        patient.load(bad)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.eqx: no such file"):
+        patient.load(tmp_path / "nothing.eqx")
+    (tmp_path / "img.eqx").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(PatientFileError, match="img.eqx: not a patient .eqx file"):
+        patient.load(tmp_path / "img.eqx")
+
+
+def test_bad_save_arguments(tmp_path, getkey):
+    model, state = create("cifar_resnet20", num_classes=3, key=getkey())
+    with pytest.raises(ValueError, match="class_names has 2 entries but the model has 3 classes"):
+        patient.save(tmp_path / "a.eqx", model, state, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        patient.save(tmp_path / "b.eqx", model, state, meta={"x": object()})
+    assert not list(tmp_path.iterdir())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_load_only_raises_clear_errors(saved, tmp_path, data):
+    original = saved.read_bytes()
+    kind = data.draw(st.sampled_from(["random", "flip", "cut", "header"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=2000))
+    elif kind == "flip":
+        pos = data.draw(st.integers(0, len(original) - 1))
+        blob = original[:pos] + bytes([original[pos] ^ data.draw(st.integers(1, 255))]) + original[pos + 1:]
+    elif kind == "cut":
+        blob = original[: data.draw(st.integers(0, len(original) - 1))]
+    else:
+        head, payload = original.split(b"\n", 1)
+        header = json.loads(head)
+        key = data.draw(st.sampled_from(sorted(header)))
+        header[key] = data.draw(st.one_of(st.none(), st.integers(), st.text(max_size=20), st.lists(st.integers())))
+        blob = json.dumps(header).encode() + b"\n" + payload
+    path = tmp_path / "fuzz.eqx"
+    path.write_bytes(blob)
+    try:
+        patient.load(path)
+    except PatientFileError as e:
+        assert "fuzz.eqx" in str(e)
+    else:
+        assert blob == original
