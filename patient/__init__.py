@@ -2,20 +2,22 @@
 consistent" (Beyer et al., CVPR 2022), and export of the students to edge CPUs.
 
 Heavy or optional dependencies (TensorFlow, onnxruntime, jax2onnx, keras) are imported only by the sub-packages that
-need them; importing `patient` itself loads JAX and Equinox only.
+need them. Importing `patient` itself imports nothing: `save`/`load` (JAX, Equinox) and `distill`/`train` (optax,
+grain, orbax) load on first use, so `patient.bench` runs .onnx/.tflite files on devices that carry no JAX.
 """
 
 __version__ = "0.1.0"
-
-from .io import load, save  # noqa: E402
 
 __all__ = ["__version__", "distill", "load", "save", "train"]
 
 
 def __getattr__(name):
-    # The engine pulls in optax, grain and orbax; load it on first use so `import patient` stays light.
-    if name in ("distill", "train"):
-        from . import distill as _d
+    # Load on first use so `import patient` stays light (and works without JAX on a device).
+    import importlib
 
-        return getattr(_d, name)
+    if name in ("save", "load"):
+        return getattr(importlib.import_module("patient.io"), name)
+    if name in ("distill", "train"):
+        # The engine lives in patient.engine: a sub-package named `distill` would shadow the function.
+        return getattr(importlib.import_module("patient.engine"), name)
     raise AttributeError(f"module 'patient' has no attribute {name!r}")

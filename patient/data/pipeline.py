@@ -63,6 +63,13 @@ def _check_source(source: Any, fn: str) -> int:
     return n
 
 
+def _check_area(area: Any) -> tuple[float, float]:
+    ok = isinstance(area, (tuple, list)) and len(area) == 2 and all(isinstance(a, (int, float)) for a in area)
+    if not ok or not 0 < area[0] <= area[1] <= 1:
+        raise ValueError(f"crop_area={area!r} must be (min, max) with 0 < min <= max <= 1, e.g. (0.05, 1.0)")
+    return (float(area[0]), float(area[1]))
+
+
 def _check_channels(channels: Any) -> int:
     if channels not in (1, 3):
         raise ValueError(f"channels={channels!r} must be 1 or 3")
@@ -106,12 +113,13 @@ class _AttachIndex(grain.transforms.MapWithIndex):
 
 
 class _DrawViews(grain.transforms.RandomMap):
-    def __init__(self, mode: str, seed: int):
-        self.mode, self.seed = mode, seed
+    def __init__(self, mode: str, seed: int, area: tuple[float, float]):
+        self.mode, self.seed, self.area = mode, seed, area
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         height, width = element["image"].shape[:2]
-        student, teacher = _views.draw_views(self.mode, rng, height, width, index=element["index"], seed=self.seed)
+        student, teacher = _views.draw_views(self.mode, rng, height, width, index=element["index"], seed=self.seed,
+                                             area=self.area)
         return {**element, "student_view": student, "teacher_view": teacher}
 
 
@@ -154,12 +162,15 @@ class _RenderPlain:
 
 
 class _RenderFixedTeacher:
-    def __init__(self, mode: str, resolution: tuple[int, int], channels: int, crops: int, seed: int):
+    def __init__(self, mode: str, resolution: tuple[int, int], channels: int, crops: int, seed: int,
+                 area: tuple[float, float]):
         self.mode, self.resolution, self.channels, self.crops, self.seed = mode, resolution, channels, crops, seed
+        self.area = area
 
     def __call__(self, image: np.ndarray, index: int) -> np.ndarray:
         if self.mode == "fix/ic_ens":
-            params = _views.fixed_teacher_crops(self.seed, index, image.shape[0], image.shape[1], self.crops)
+            params = _views.fixed_teacher_crops(self.seed, index, image.shape[0], image.shape[1], self.crops,
+                                                self.area)
         else:  # The same deterministic views that `pipeline` renders as "teacher" for these modes.
             params = [_views.plain_resize() if self.mode == "fix/rs" else _views.center_crop()]
         pil = _views._as_pil(image)
@@ -182,6 +193,7 @@ def pipeline(
     epochs: int | None = None,
     channels: int = 3,
     drop_remainder: bool = True,
+    crop_area: tuple[float, float] = _views.INCEPTION_AREA,
 ) -> grain.IterDataset:
     """The distillation input pipeline: two views of every image under a teacher `mode`.
 
@@ -200,6 +212,8 @@ def pipeline(
     - `epochs`: `None` repeats forever; every epoch is reshuffled and re-cropped.
     - `channels`: 3 (grayscale repeated) or 1 (RGB converted to luma).
     - `drop_remainder`: drop the final partial batch (only matters when `epochs` is finite).
+    - `crop_area`: relative area range of inception crops (the paper's (0.05, 1.0); raise the minimum for tiny
+      images such as 8x8 digits).
 
     **Returns:** a Grain `IterDataset`; `iter(ds)` yields `{"student": f32[B, C, Hs, Ws], "teacher": f32[B, C, Ht, Wt],
     "label": i32[B] (-1 unlabelled), "index": i64[B] (position in source)}` with pixels in [0, 1], and the iterator
@@ -233,10 +247,11 @@ def pipeline(
                 "lower batch_size, raise epochs, or pass drop_remainder=False"
             )
     channels = _check_channels(channels)
+    crop_area = _check_area(crop_area)
 
     ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(n))
     ds = ds.shuffle(seed=_derive_seed(seed, 1)).repeat(epochs)  # repeat reseeds the shuffle every epoch
-    ds = ds.random_map(_DrawViews(mode, seed), seed=_derive_seed(seed, 2))
+    ds = ds.random_map(_DrawViews(mode, seed, crop_area), seed=_derive_seed(seed, 2))
     ds = ds[shard[0] :: shard[1]]
     ds = ds.map(_RenderPair(s_res, t_res, channels))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -292,6 +307,7 @@ def fixed_teacher_views(
     seed: int = 0,
     batch_size: int = 64,
     channels: int = 3,
+    crop_area: tuple[float, float] = _views.INCEPTION_AREA,
 ):
     """The teacher's fixed views of every example once, in source order, for precomputing a `fix/*` logit cache.
 
@@ -311,6 +327,6 @@ def fixed_teacher_views(
     crops = _check_positive_int("crops", crops) if info.ensemble else 1
     batch_size = _check_positive_int("batch_size", batch_size)
     channels = _check_channels(channels)
-    render_fn = _RenderFixedTeacher(mode, res, channels, crops, int(seed))
+    render_fn = _RenderFixedTeacher(mode, res, channels, crops, int(seed), _check_area(crop_area))
     indices = np.arange(n, dtype=np.int64)
     return iter(_padded_batches(source, indices, render_fn, (crops, channels, *res), "teacher", batch_size))

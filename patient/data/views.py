@@ -199,7 +199,7 @@ def mode_info(mode: str) -> ModeInfo:
         raise ValueError(f"mode={mode!r} is not a teacher mode; use one of {', '.join(MODES)}") from None
 
 
-def _draw(kind: str, rng: np.random.Generator, height: int, width: int) -> ViewParams:
+def _draw(kind: str, rng: np.random.Generator, height: int, width: int, area=INCEPTION_AREA) -> ViewParams:
     if kind == "rs":
         return plain_resize()
     if kind == "cc":
@@ -209,36 +209,40 @@ def _draw(kind: str, rng: np.random.Generator, height: int, width: int) -> ViewP
     if kind == "rc":
         return random_crop(rng)
     if kind == "ic":
-        return inception_crop(rng, height, width)
+        return inception_crop(rng, height, width, area=area)
     raise AssertionError(kind)
 
 
-def fixed_teacher_crops(seed: int, index: int, height: int, width: int, crops: int) -> list[ViewParams]:
+def fixed_teacher_crops(seed: int, index: int, height: int, width: int, crops: int,
+                        area=INCEPTION_AREA) -> list[ViewParams]:
     """The `crops` inception crops (with random flips) of `fix/ic_ens` for example `index` of the source.
 
     They depend only on `(seed, index)`, never on epoch, shuffling or sharding, so the precomputed cache and the
     pipeline's `"teacher"` view (crop 0) agree whenever they are given the same seed.
     """
     rng = np.random.default_rng((int(seed), int(index), 0x1CE5))
-    return [inception_crop(rng, height, width) for _ in range(crops)]
+    return [inception_crop(rng, height, width, area=area) for _ in range(crops)]
 
 
 def draw_views(
-    mode: str, rng: np.random.Generator, height: int, width: int, *, index: int = 0, seed: int = 0
+    mode: str, rng: np.random.Generator, height: int, width: int, *, index: int = 0, seed: int = 0,
+    area: tuple[float, float] = None,
 ) -> tuple[ViewParams, ViewParams]:
     """Draw `(student, teacher)` view params for one `height x width` image under `mode`.
 
     `rng` is the per-example generator (Grain's `random_map`); `index` (position in the source) and `seed` are only used
     by `fix/ic_ens`, whose teacher view is crop 0 of `fixed_teacher_crops(seed, index, ...)` so that it stays fixed.
+    `area` is the inception crop's relative area range (default the paper's (0.05, 1.0)).
     """
+    area = INCEPTION_AREA if area is None else tuple(area)
     info = mode_info(mode)
-    student = _draw(info.student, rng, height, width)
+    student = _draw(info.student, rng, height, width, area)
     if info.shared:
         teacher = student
     elif info.ensemble:
-        teacher = fixed_teacher_crops(seed, index, height, width, 1)[0]
+        teacher = fixed_teacher_crops(seed, index, height, width, 1, area)[0]
     else:
-        teacher = _draw(info.teacher, rng, height, width)
+        teacher = _draw(info.teacher, rng, height, width, area)
     return student, teacher
 
 

@@ -1,0 +1,177 @@
+"""Run configuration: one frozen dataclass, readable from TOML, checked field by field.
+
+    [distill]                    # or top-level keys
+    mode = "fm"
+    steps = 2000
+    optimizer = "adam"
+
+Unknown keys, wrong types and out-of-range values are one clear `ConfigError` each. The resolved config (every field,
+defaults filled in) is written to `<workdir>/config.toml` so a run can be reproduced from its folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from patient.data.views import MODES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown key, wrong type, bad value)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that shapes a distillation (or supervised) run. Defaults follow the paper's function matching at
+    CPU scale: mode `fm`, KL at temperature 1, Adam with linear warm-up and cosine decay."""
+
+    # what the teacher sees
+    mode: str = "fm"
+    temperature: float = 1.0
+    student_res: int = 0  # 0: the student's spec resolution
+    teacher_res: int = 0  # 0: same as student_res
+    teacher_resolutions: tuple = ()  # one teacher at several resolutions: mean of their probabilities
+    teacher_dtype: str = "float32"  # or "bfloat16"
+    fix_crops: int = 8  # K inception crops averaged by fix/ic_ens
+    crop_area_min: float = 0.05  # inception crops cover (crop_area_min, 1] of the image (the paper: 0.05)
+    mixup_alpha: float = 1.0
+    label_weight: float = 0.0  # weight of cross-entropy on labels added to the KL
+    label_smoothing: float = 0.0  # supervised training (patient.train)
+    # how long
+    batch_size: int = 64
+    steps: int = 0  # 0: derived from epochs
+    epochs: float = 20.0
+    # optimiser
+    optimizer: str = "adam"  # "adam" | "sgd" | "shampoo"
+    learning_rate: float = 3e-3
+    warmup_fraction: float = 0.05
+    schedule: str = "cosine"  # "cosine" | "constant"
+    weight_decay: float = 0.0  # decoupled, on kernels (ndim >= 2) only
+    b1: float = 0.9
+    b2: float = 0.999
+    momentum: float = 0.9  # sgd
+    grad_clip: float = 1.0  # global norm; 0 disables
+    shampoo_block_size: int = 128
+    shampoo_precondition_every: int = 10
+    shampoo_graft: str = "rmsprop_normalized"
+    # bookkeeping
+    seed: int = 0
+    num_workers: int = 0
+    channels: int = 3
+    eval_every: int = 0  # steps; 0: evaluate at the end only
+    eval_batch_size: int = 256
+    checkpoint_every: int = 200  # steps (needs a workdir)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self)
+
+    def replace(self, **changes) -> "Config":
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
+        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+    def to_toml(self) -> str:
+        lines = ["# resolved patient config (every field, defaults filled in)", "[distill]"]
+        for f in dataclasses.fields(self):
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _coerce(key: str, value: Any):
+    want = _TYPES[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is tuple and isinstance(value, list):
+        value = tuple(value)
+    ok = isinstance(value, want) and not (want in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check(c: Config) -> None:
+    for k in FIELDS:
+        _coerce(k, getattr(c, k))
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
+    need(c.temperature > 0, f"temperature={c.temperature} must be > 0")
+    need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0")
+    need(c.steps >= 0 and c.epochs >= 0 and (c.steps > 0 or c.epochs > 0), "set steps > 0 or epochs > 0")
+    need(c.optimizer in ("adam", "sgd", "shampoo"), f"optimizer={c.optimizer!r}; use 'adam', 'sgd' or 'shampoo'")
+    need(c.schedule in ("cosine", "constant"), f"schedule={c.schedule!r}; use 'cosine' or 'constant'")
+    need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be > 0")
+    need(0 <= c.warmup_fraction < 1, f"warmup_fraction={c.warmup_fraction} must be in [0, 1)")
+    need(c.teacher_dtype in ("float32", "bfloat16"), f"teacher_dtype={c.teacher_dtype!r}; use 'float32' or 'bfloat16'")
+    need(c.student_res >= 0 and c.teacher_res >= 0, "resolutions must be >= 0 (0 = from the model's spec)")
+    need(all(isinstance(r, int) and r > 0 for r in c.teacher_resolutions),
+         f"teacher_resolutions={c.teacher_resolutions!r} must be positive integers")
+    need(c.fix_crops > 0, f"fix_crops={c.fix_crops} must be > 0")
+    need(0 < c.crop_area_min <= 1, f"crop_area_min={c.crop_area_min} must be in (0, 1]")
+    need(c.mixup_alpha > 0, f"mixup_alpha={c.mixup_alpha} must be > 0")
+    need(c.label_weight >= 0 and 0 <= c.label_smoothing < 1, "label_weight must be >= 0 and label_smoothing in [0, 1)")
+    need(c.checkpoint_every >= 0 and c.keep_checkpoints > 0, "checkpoint_every >= 0 and keep_checkpoints > 0")
+    need(c.log_every > 0 and c.eval_every >= 0 and c.eval_batch_size > 0, "log_every and eval_batch_size must be > 0")
+    need(c.channels in (1, 3), f"channels={c.channels} must be 1 or 3")
+    need(c.seed >= 0 and c.num_workers >= 0, "seed and num_workers must be >= 0")
+
+
+def load_config(path, **overrides) -> Config:
+    """Read a TOML file (keys at top level or under `[distill]`), apply `overrides`, and check everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    table = raw.get("distill", raw) if isinstance(raw.get("distill"), dict) else raw
+    extra = sorted(set(raw) - {"distill"}) if table is not raw else []
+    if extra:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(extra)}; put settings under [distill]")
+    try:
+        return Config().replace(**{**table, **overrides})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_set(items: list[str]) -> dict:
+    """`--set key=value` pairs -> typed overrides (values parsed as TOML, bare words as strings)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if k not in FIELDS:
+            raise ConfigError(f"--set {k}: unknown config key; known keys: {', '.join(FIELDS)}")
+        try:
+            out[k] = tomllib.loads(f"v = {v}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k] = v  # a bare word such as fm or adam
+    return out

@@ -1,0 +1,156 @@
+"""The train state, the optimiser, and the one jitted step that distils (or trains) on a device mesh.
+
+The step is a plain `jax.jit` over a `jax.sharding.Mesh` with one axis, `"data"`: the train state is replicated, the
+batch is split along its first axis. BatchNorm's batch statistics are means over the vmapped batch axis, which under
+the sharded jit is the *global* batch, so they are mesh-wide without any collective written by hand. The same code runs
+on 1 CPU, N simulated CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`), a GPU, a TPU slice, or
+several hosts after `jax.distributed.initialize()`.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from patient.data.mixup import mixup
+from patient.models.registry import apply
+
+from .config import Config
+from .losses import cross_entropy, kl_divergence, soft_cross_entropy, teacher_probs
+from .teachers import teacher_logits
+
+
+class TrainState(eqx.Module):
+    """Everything that changes during training (and is checkpointed). The teacher is not in it."""
+
+    step: jax.Array  # int32 scalar
+    params: object  # the student's arrays (eqx.partition of the model)
+    model_state: dict  # BatchNorm running statistics
+    opt_state: object
+    key: jax.Array  # raw uint32 key data (checkpoint-friendly)
+
+
+def kernel_mask(params):
+    """True for kernels (ndim >= 2): decoupled weight decay skips biases and norm scales."""
+    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+
+
+def make_schedule(cfg: Config, total_steps: int):
+    warm = int(cfg.warmup_fraction * total_steps)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warm, max(total_steps, warm + 1), 0.0)
+    if warm == 0:
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, warm), optax.constant_schedule(cfg.learning_rate)], [warm])
+
+
+def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    """Adam / SGD (Nesterov) / Shampoo with warm-up + cosine, global-norm clipping and decoupled decay on kernels."""
+    sched = make_schedule(cfg, total_steps)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    if cfg.optimizer == "shampoo":
+        from patient.optim import shampoo
+
+        parts.append(shampoo(sched, b1=cfg.b1, b2=cfg.b2, block_size=cfg.shampoo_block_size,
+                             precondition_every=cfg.shampoo_precondition_every, graft=cfg.shampoo_graft,
+                             weight_decay=cfg.weight_decay, weight_decay_mask=kernel_mask))
+        return optax.chain(*parts)
+    if cfg.optimizer == "adam":
+        parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2))
+    else:
+        parts.append(optax.trace(decay=cfg.momentum, nesterov=True))
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=kernel_mask))
+    parts.append(optax.scale_by_learning_rate(sched))
+    return optax.chain(*parts)
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A one-axis mesh, `"data"`, over `devices` (default: every device of every host)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices).reshape(-1), ("data",))
+
+
+def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised: bool, use_cache: bool,
+              mix: bool, resolutions=()):
+    """Build `step(train_state, batch, teachers) -> (train_state, metrics)`, jitted for `mesh`.
+
+    `batch` holds `"student"`, `"teacher"` (omitted with a cache), `"label"` and, for fixed teachers,
+    `"teacher_probs"`. `teachers` is a list of `(model, state)` (empty for supervised training or with a cache).
+    """
+    T = cfg.temperature
+    replicated = NamedSharding(mesh, P())
+
+    def loss_fn(params, model_state, batch, targets, t_probs):
+        model = eqx.combine(params, student_static)
+        logits, _, new_state = apply(model, model_state, batch["student"], train=True)
+        metrics = {}
+        if supervised:
+            loss = soft_cross_entropy(logits, targets).mean()
+            metrics["ce"] = loss
+        else:
+            kl = kl_divergence(t_probs, logits, T).mean()
+            loss = kl
+            metrics["kl"] = kl
+            metrics["agreement"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t_probs, -1))
+            if cfg.label_weight > 0:
+                ce = (soft_cross_entropy(logits, targets) * (batch["label"] >= 0)).mean()
+                loss = loss + cfg.label_weight * ce
+                metrics["ce"] = ce
+        metrics["loss"] = loss
+        return loss, (new_state, metrics)
+
+    def step(ts: TrainState, batch, teachers):
+        key = jax.random.wrap_key_data(ts.key)
+        key, mkey = jax.random.split(key)
+        num_classes = student_static.spec.num_classes
+        labels = batch["label"]
+        onehot = jax.nn.one_hot(jnp.maximum(labels, 0), num_classes) * (labels >= 0)[:, None]
+        if supervised and cfg.label_smoothing > 0:
+            onehot = onehot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+        batch = dict(batch)
+        if mix:
+            if "teacher" in batch:
+                batch["student"], batch["teacher"], onehot, lam = mixup(
+                    mkey, batch["student"], batch["teacher"], onehot, alpha=cfg.mixup_alpha)
+            else:
+                batch["student"], onehot, lam = mixup(mkey, batch["student"], onehot, alpha=cfg.mixup_alpha)
+        if supervised:
+            t_probs = None
+        elif use_cache:
+            t_probs = batch["teacher_probs"]
+        else:
+            t_probs = teacher_probs(teacher_logits(teachers, batch["teacher"], resolutions), T)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new = TrainState(ts.step + 1, params, new_state, opt_state, jax.random.key_data(key))
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def make_eval_fn(student_static, teachers_static, *, resolutions=()):
+    """Jitted evaluation forwards: student logits on its view, teacher probabilities (T=1) on the teacher's view."""
+
+    @jax.jit
+    def student_logits(params, model_state, images):
+        return apply(eqx.combine(params, student_static), model_state, images, train=False)[0]
+
+    @jax.jit
+    def teacher_p(teachers, images):
+        return teacher_probs(teacher_logits(teachers, images, resolutions), 1.0)
+
+    return student_logits, teacher_p
+
+
+def init_state(params, model_state, optimizer, seed: int) -> TrainState:
+    return TrainState(jnp.asarray(0, jnp.int32), params, model_state, optimizer.init(params),
+                      jax.random.key_data(jax.random.key(seed)))

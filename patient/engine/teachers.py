@@ -1,0 +1,134 @@
+"""Teachers: resolving what the user passed, ensembles, reduced-precision copies and the fixed-teacher cache.
+
+A teacher is never optimised and never checkpointed: the step receives its arrays as an argument and returns nothing
+of it. For the `fix/*` modes its predictions do not depend on the training step, so they are computed once over the
+data set (averaged over K inception crops for `fix/ic_ens`) and cached, in memory and in the workdir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patient.models.registry import apply, spec_of
+
+from .losses import teacher_probs
+
+# Counted by `fixed_teacher_cache` so tests can prove the cache is computed once, not per epoch.
+STATS = {"cache_builds": 0, "cache_forward_examples": 0}
+
+
+def resolve_model(obj, *, role: str, num_classes: int | None, key):
+    """A `(model, state)` pair, an `.eqx` path or a registry name -> `(model, state)`."""
+    import patient
+    from patient.models import create
+
+    if isinstance(obj, tuple) and len(obj) == 2:
+        model, state = obj
+        spec_of(model)  # clear error for foreign modules
+        return model, (state or {})
+    if isinstance(obj, (str, Path)):
+        text = str(obj)
+        if text.endswith(".eqx") or Path(text).exists():
+            if not Path(text).is_file():
+                raise FileNotFoundError(f"{role} file {text} not found; pass an existing .eqx path, a (model, state) "
+                                        "pair or a registry name")
+            model, state, _ = patient.load(text)
+            return model, state
+        if num_classes is None:
+            raise ValueError(f"{role}={text!r}: building a registry model needs labelled data to know the class count")
+        return create(text, num_classes=num_classes, key=key)
+    raise TypeError(f"{role} must be a (model, state) pair, an .eqx path or a registry name, got {type(obj).__name__}")
+
+
+def cast_floating(tree, dtype):
+    """Copy of `tree` with floating arrays cast to `dtype` (the teacher in bfloat16 halves its memory traffic)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
+
+
+def teacher_logits(teachers, images, resolutions=()):
+    """Logits of every teacher (and of each extra resolution) on a batch; a list of f32[B, K].
+
+    `teachers` is a list of `(model, state)`; `resolutions` re-renders the (already augmented) view at other sizes on
+    device, so one teacher can be ensembled over resolutions.
+    """
+    outs = []
+    for model, state in teachers:
+        dtype = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype
+        views = [images] + [
+            jax.image.resize(images, (*images.shape[:2], r, r), "linear", antialias=True) for r in resolutions
+        ]
+        for v in views:
+            logits = apply(model, state, v.astype(dtype), train=False)[0]
+            outs.append(jax.lax.stop_gradient(logits.astype(jnp.float32)))
+    return outs
+
+
+def _cache_key(teachers, *settings) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(settings).encode())
+    for model, state in teachers:
+        for leaf in jax.tree_util.tree_leaves(eqx.filter((model, state), eqx.is_array)):
+            h.update(np.asarray(leaf).tobytes()[:4096])
+            h.update(str(leaf.shape).encode())
+    return h.hexdigest()[:16]
+
+
+def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temperature, batch_size, channels,
+                        resolutions=(), workdir=None, progress=False, crop_area=(0.05, 1.0)) -> np.ndarray:
+    """Teacher probabilities at `temperature` for every example of `source` under a `fix/*` mode: f32[N, K].
+
+    For `fix/ic_ens` the probabilities are the mean over `crops` fixed inception crops (and over teachers). With a
+    workdir the result is stored as `teacher_cache-<key>.npy` and reused by restarts.
+    """
+    from patient.data import fixed_teacher_views
+
+    n = len(source)
+    key = _cache_key(teachers, mode, resolution, crops, seed, temperature, n, channels, list(crop_area), list(resolutions))
+    path = Path(workdir) / f"teacher_cache-{key}.npy" if workdir is not None else None
+    if path is not None and path.is_file():
+        return np.load(path, allow_pickle=False)
+
+    @jax.jit
+    def probs_of(teachers, views):  # views f32[B, K, C, H, W]
+        b, k = views.shape[:2]
+        flat = views.reshape(b * k, *views.shape[2:])
+        p = teacher_probs(teacher_logits(teachers, flat, resolutions), temperature)
+        return p.reshape(b, k, -1).mean(axis=1)
+
+    STATS["cache_builds"] += 1
+    out = None
+    it = fixed_teacher_views(source, mode=mode, resolution=resolution, crops=crops, seed=seed,
+                             batch_size=batch_size, channels=channels, crop_area=crop_area)
+    bar = _bar(n, "teacher cache", progress)
+    try:
+        for batch in it:
+            p = np.asarray(probs_of(teachers, jnp.asarray(batch["teacher"])))
+            mask = np.asarray(batch["mask"])
+            idx = np.asarray(batch["index"])[mask]
+            if out is None:
+                out = np.zeros((n, p.shape[-1]), np.float32)
+            out[idx] = p[mask]
+            STATS["cache_forward_examples"] += int(mask.sum()) * batch["teacher"].shape[1]
+            bar.update(int(mask.sum()))
+    finally:
+        bar.close()
+        if hasattr(it, "close"):
+            it.close()
+    if path is not None:
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+    return out
+
+
+def _bar(total, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -1,0 +1,366 @@
+"""The training loop behind `patient.distill` and `patient.train`: data, step, checkpoints, evaluation, history."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from patient.data.views import mode_info
+from patient.models.registry import spec_of
+
+from .config import Config, ConfigError
+from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
+from .teachers import cast_floating, fixed_teacher_cache, resolve_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """What a run returns: the trained `student` and its `state`, the `history` of logged metrics (one dict per log
+    line), the final `metrics` of the evaluation (empty without eval data) and the `workdir` (or None)."""
+
+    student: object
+    state: dict
+    history: list
+    metrics: dict
+    workdir: Path | None
+
+
+def _as_source(data):
+    from patient.data import arrays
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], np.ndarray):
+        return arrays(data[0], data[1])
+    if isinstance(data, np.ndarray):
+        return arrays(data)
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TypeError(f"data must be a patient.data source (digits(), fashion_mnist(...), image_folder(...), "
+                        f"arrays(...)) or an (images, labels) pair of arrays, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("data is empty: the source has no examples")
+    return data
+
+
+def _num_classes(source):
+    k = getattr(source, "num_classes", 0) or 0
+    return int(k) if k > 0 else None
+
+
+def _config(config, overrides) -> Config:
+    if config is None:
+        config = Config()
+    elif isinstance(config, (str, Path)):
+        from .config import load_config
+
+        config = load_config(config)
+    elif not isinstance(config, Config):
+        raise TypeError(f"config must be a patient Config, a TOML path or None, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def distill(teacher, student, data, *, eval_data=None, config=None, workdir=None, devices=None,
+            **overrides) -> DistillResult:
+    """Distil `teacher` into `student` on `data` with the paper's function matching (by default).
+
+    **Arguments:**
+    - `teacher`: a `(model, state)` pair, an `.eqx` path or a registry name; a list of those is an ensemble (the mean
+      of their probabilities).
+    - `student`: the same kinds (a registry name builds a fresh model with the data's class count).
+    - `data`: a `patient.data` source (labels optional: distillation needs none) or `(images, labels)` arrays.
+    - `eval_data`: optional labelled source for top-1/top-5, teacher top-1, agreement and KL at the end (and every
+      `eval_every` steps).
+    - `config`: a `Config`, a TOML path or None (defaults: mode `fm`, T=1, Adam with warm-up + cosine).
+    - `workdir`: folder for checkpoints, the resolved config, history and the fixed-teacher cache; a run restarted
+      with the same workdir resumes where it stopped. None keeps everything in memory.
+    - `devices`: the devices of the `"data"` mesh (default: all of them, on every host).
+    - `**overrides`: any `Config` field, e.g. `steps=2000, mode="fix/rs", optimizer="shampoo"`.
+
+    **Returns:** a `DistillResult` (`student`, `state`, `history`, `metrics`, `workdir`).
+    """
+    cfg = _config(config, overrides)
+    if cfg.mode == "supervised":
+        raise ConfigError("mode='supervised' is for patient.train; distill needs a teacher mode such as 'fm'")
+    return _run(cfg, teacher=teacher, student=student, data=data, eval_data=eval_data, workdir=workdir,
+                devices=devices)
+
+
+def train(model, data, *, eval_data=None, config=None, workdir=None, devices=None, **overrides) -> DistillResult:
+    """Supervised training (cross-entropy with optional label smoothing; mixup when `mode="fm"`), with the same loop,
+    checkpoints and evaluation as `distill`. The augmentation is the student view of `mode` (default `fm`: inception
+    crop, flip and mixup). Use it for teachers and for no-distillation baselines."""
+    cfg = _config(config, overrides)
+    return _run(cfg, teacher=None, student=model, data=data, eval_data=eval_data, workdir=workdir, devices=devices)
+
+
+def _put(mesh, tree):
+    """Host arrays (this process's share of the global batch) -> arrays split over the mesh's data axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=None) -> DistillResult:
+    supervised = teacher is None
+    source = _as_source(data)
+    eval_source = _as_source(eval_data) if eval_data is not None else None
+    info = mode_info("same/ic" if cfg.mode == "supervised" else cfg.mode)
+    key = jax.random.key(cfg.seed)
+    k = _num_classes(source) or (_num_classes(eval_source) if eval_source is not None else None)
+    s_model, s_state = resolve_model(student, role="student", num_classes=k, key=jax.random.fold_in(key, 1))
+    s_spec = spec_of(s_model)
+    teachers = []
+    if not supervised:
+        for i, t in enumerate(teacher if isinstance(teacher, list) else [teacher]):
+            tm, ts_ = resolve_model(t, role="teacher", num_classes=s_spec.num_classes, key=jax.random.fold_in(key, 2 + i))
+            if spec_of(tm).num_classes != s_spec.num_classes:
+                raise ValueError(f"teacher {spec_of(tm).name} predicts {spec_of(tm).num_classes} classes but student "
+                                 f"{s_spec.name} predicts {s_spec.num_classes}; build the student with "
+                                 f"num_classes={spec_of(tm).num_classes}")
+            teachers.append((tm, ts_))
+        if cfg.teacher_dtype == "bfloat16":
+            teachers = [cast_floating(t, jnp.bfloat16) for t in teachers]
+    if supervised and k is None:
+        raise ValueError("patient.train needs labelled data (every label is -1)")
+    s_res = cfg.student_res or s_spec.resolution
+    t_res = cfg.teacher_res or s_res
+    mesh = make_mesh(devices)
+    n_dev, n_proc = mesh.size, jax.process_count()
+    if cfg.batch_size % n_dev:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {n_dev} devices of the mesh; "
+                         f"use a multiple of {n_dev}")
+    per_host = cfg.batch_size // n_proc
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(source) / cfg.batch_size))
+    optimizer = make_optimizer(cfg, total)
+    params, static = eqx.partition(s_model, eqx.is_array)
+    workdir = Path(workdir) if workdir is not None else None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.toml").write_text(cfg.to_toml())
+    use_cache = info.fixed and not supervised
+    cache = None
+    if use_cache:
+        cache = fixed_teacher_cache(teachers, source, mode=cfg.mode, resolution=t_res,
+                                    crops=cfg.fix_crops if info.ensemble else 1, seed=cfg.seed,
+                                    temperature=cfg.temperature, batch_size=cfg.eval_batch_size,
+                                    channels=cfg.channels, resolutions=cfg.teacher_resolutions, workdir=workdir,
+                                    progress=cfg.progress, crop_area=(cfg.crop_area_min, 1.0))
+    step_fn = make_step(cfg, static, optimizer, mesh=mesh, supervised=supervised, use_cache=use_cache,
+                        mix=info.mixup, resolutions=cfg.teacher_resolutions)
+    replicated = NamedSharding(mesh, P())
+    ts = jax.device_put(init_state(params, s_state, optimizer, cfg.seed), replicated)
+
+    from patient.data import pipeline
+
+    ds = pipeline(source, mode=info.name, student_res=s_res, teacher_res=t_res, batch_size=per_host, seed=cfg.seed,
+                  num_workers=cfg.num_workers, shard=(jax.process_index(), n_proc), channels=cfg.channels,
+                  crop_area=(cfg.crop_area_min, 1.0))
+    it = iter(ds)
+    ckpt = _Checkpoints(workdir, cfg) if workdir is not None else None
+    tb = None
+    if workdir is not None and jax.process_index() == 0:
+        from .tensorboard import EventWriter
+
+        tb = EventWriter(workdir / "tensorboard")
+    history = []
+    if ckpt is not None and ckpt.latest() is not None:
+        ts, data_state = ckpt.restore(ts)
+        ts = jax.device_put(ts, replicated)
+        it.set_state(data_state)
+        history = _read_history(workdir, int(ts.step))
+    start = int(ts.step)
+    student_eval, teacher_eval = make_eval_fn(static, None, resolutions=cfg.teacher_resolutions)
+    bar = _progress(total, start, cfg.progress, "distill" if not supervised else "train")
+    t0, metrics = time.perf_counter(), {}
+    window_t, window_n = t0, 0  # throughput over the last log window (excludes compilation after the first)
+    try:
+        for step in range(start, total):
+            raw = next(it)
+            batch = {"student": raw["student"], "label": raw["label"].astype(np.int32)}
+            if use_cache:
+                batch["teacher_probs"] = cache[np.asarray(raw["index"])]
+            elif not supervised:
+                batch["teacher"] = raw["teacher"]
+            ts, m = step_fn(ts, _put(mesh, batch), teachers)
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                last = ckpt.latest() if ckpt is not None else None
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step + 1}; last good checkpoint: "
+                    f"{'step ' + str(last) + ' in ' + str(ckpt.dir) if last is not None else 'none'}; "
+                    "lower learning_rate or raise warmup_fraction, then restart")
+            window_n += cfg.batch_size
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                now = time.perf_counter()
+                rate = window_n / (now - window_t)
+                window_t, window_n = now, 0
+                row = {"step": done, **{k_: float(v) for k_, v in m.items()}, "images_per_s": rate}
+                history.append(row)
+                _append_history(workdir, row, tb)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+            bar.update(1)
+            if eval_source is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+                ev = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
+                history.append({"step": done, **{f"eval_{k_}": v for k_, v in ev.items()}})
+                _append_history(workdir, history[-1], tb)
+            if ckpt is not None and (done % cfg.checkpoint_every == 0 if cfg.checkpoint_every else False):
+                ckpt.save(done, ts, it.get_state())
+        if ckpt is not None and ckpt.latest() != total:
+            ckpt.save(total, ts, it.get_state())
+    except BaseException:
+        if tb is not None:
+            tb.close()
+        raise
+    finally:
+        bar.close()
+        if hasattr(it, "close"):
+            it.close()
+        if ckpt is not None:
+            ckpt.close()
+    if eval_source is not None:
+        metrics = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
+        history.append({"step": total, **{f"eval_{k_}": v for k_, v in metrics.items()}})
+        _append_history(workdir, history[-1], tb)
+        if cfg.progress:
+            print(_summary(metrics, total, time.perf_counter() - t0, supervised))
+    if tb is not None:
+        tb.close()
+    model = eqx.combine(jax.device_get(ts.params), static)
+    return DistillResult(model, jax.device_get(ts.model_state), history, metrics, workdir)
+
+
+def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res, t_res) -> dict:
+    """Student top-1/top-5, teacher top-1, agreement and KL(teacher || student) at T=1 over every example once."""
+    from patient.data import eval_pipeline
+
+    bs = -(-cfg.eval_batch_size // mesh.size) * mesh.size
+    s_it = iter(eval_pipeline(source, resolution=s_res, batch_size=bs, channels=cfg.channels))
+    t_it = iter(eval_pipeline(source, resolution=t_res, batch_size=bs, channels=cfg.channels)) if (
+        teachers and t_res != s_res) else None
+    sums = dict(n=0, top1=0, top5=0, teacher_top1=0, agreement=0, kl=0.0, labelled=0)
+    for sb in s_it:
+        tb = next(t_it) if t_it is not None else sb
+        mask = np.asarray(sb["mask"])
+        labels = np.asarray(sb["label"])
+        logits = np.asarray(student_eval(ts.params, ts.model_state, _put(mesh, sb["image"])))
+        lab = mask & (labels >= 0)
+        top5 = np.argsort(-logits, axis=-1)[:, :5]
+        sums["n"] += int(mask.sum())
+        sums["labelled"] += int(lab.sum())
+        sums["top1"] += int(((top5[:, 0] == labels) & lab).sum())
+        sums["top5"] += int(((top5 == labels[:, None]).any(-1) & lab).sum())
+        if teachers:
+            p = np.asarray(teacher_eval(teachers, _put(mesh, tb["image"])))
+            sums["teacher_top1"] += int(((p.argmax(-1) == labels) & lab).sum())
+            sums["agreement"] += int(((p.argmax(-1) == top5[:, 0]) & mask).sum())
+            logq = logits - logits.max(-1, keepdims=True)
+            logq = logq - np.log(np.exp(logq).sum(-1, keepdims=True))
+            kl = np.sum(np.where(p > 0, p * (np.log(np.clip(p, 1e-30, 1)) - logq), 0.0), -1)
+            sums["kl"] += float((kl * mask).sum())
+    for x in (s_it, t_it):
+        if x is not None and hasattr(x, "close"):
+            x.close()
+    out = {}
+    if sums["labelled"]:
+        out["top1"] = 100.0 * sums["top1"] / sums["labelled"]
+        out["top5"] = 100.0 * sums["top5"] / sums["labelled"]
+    if teachers:
+        if sums["labelled"]:
+            out["teacher_top1"] = 100.0 * sums["teacher_top1"] / sums["labelled"]
+        out["agreement"] = 100.0 * sums["agreement"] / sums["n"]
+        out["kl"] = sums["kl"] / sums["n"]
+    out["examples"] = sums["n"]
+    return out
+
+
+def _summary(m: dict, steps: int, seconds: float, supervised: bool) -> str:
+    rows = [("steps", f"{steps}"), ("wall time", f"{seconds:.1f} s")]
+    for k, label in [("top1", "student top-1 %"), ("top5", "student top-5 %"), ("teacher_top1", "teacher top-1 %"),
+                     ("agreement", "agreement %"), ("kl", "KL(teacher||student)")]:
+        if k in m:
+            rows.append((label, f"{m[k]:.2f}" if k != "kl" else f"{m[k]:.4f}"))
+    w = max(len(r[0]) for r in rows)
+    title = "training summary" if supervised else "distillation summary"
+    return "\n".join([title, "-" * (w + 12)] + [f"{a:<{w}}  {b:>9}" for a, b in rows])
+
+
+def _append_history(workdir, row, tb=None):
+    if workdir is not None and jax.process_index() == 0:
+        with open(workdir / "history.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if tb is not None:
+        tb.scalars(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+
+
+def _read_history(workdir, upto: int) -> list:
+    path = workdir / "history.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= upto]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop lines of steps that will be replayed
+    return rows
+
+
+def _progress(total, start, enabled, desc):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    # In a log file (no terminal) redraw rarely, so CI output stays readable.
+    return tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, unit="step",
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
+class _Checkpoints:
+    """Orbax checkpoints of the train state (by tree path) and the Grain iterator state, atomic, last K kept."""
+
+    def __init__(self, workdir: Path, cfg: Config):
+        import orbax.checkpoint as ocp
+
+        self.dir = (workdir / "checkpoints").absolute()
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+
+    @staticmethod
+    def _flat(ts):
+        return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(ts)[0]}
+
+    def latest(self):
+        return self.manager.latest_step()
+
+    def save(self, step, ts, data_state):
+        ocp = self._ocp
+        state = {"data": data_state if isinstance(data_state, dict) else {"bytes": data_state.decode("latin1")}}
+        self.manager.save(step, args=ocp.args.Composite(
+            train=ocp.args.StandardSave(self._flat(jax.device_get(ts))), data=ocp.args.JsonSave(state)))
+        self.manager.wait_until_finished()
+
+    def restore(self, ts: TrainState):
+        ocp = self._ocp
+        step = self.manager.latest_step()
+        target = self._flat(jax.device_get(ts))
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            train=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        flat, treedef = jax.tree_util.tree_flatten_with_path(ts)
+        leaves = [np.asarray(out["train"][jax.tree_util.keystr(p)]) for p, _ in flat]
+        data = out["data"]["data"]
+        if isinstance(data, dict) and set(data) == {"bytes"}:
+            data = data["bytes"].encode("latin1")
+        return jax.tree_util.tree_unflatten(treedef, leaves), data
+
+    def close(self):
+        self.manager.close()

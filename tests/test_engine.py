@@ -1,0 +1,297 @@
+"""The engine: losses against hand-computed values, the three-argument call, all eight modes, the fixed-teacher cache,
+mesh equivalence, kill-and-resume, and one clear error for each kind of bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import patient
+from patient.data import MODES, digits
+from patient.engine import Config, ConfigError, NonFiniteLossError, distill, load_config, train
+from patient.engine.losses import cross_entropy, kl_divergence, teacher_probs
+from patient.engine.teachers import STATS, teacher_logits
+from patient.models import apply, create
+
+RES = 16
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+
+def test_kl_at_temperature_matches_hand_computation():
+    t_logits = np.array([[2.0, 0.5, -1.0]])
+    s_logits = np.array([[0.3, 1.2, 0.1]])
+    T = 2.0
+    p = np.exp(t_logits / T) / np.exp(t_logits / T).sum()
+    q = np.exp(s_logits / T) / np.exp(s_logits / T).sum()
+    want = T**2 * np.sum(p * np.log(p / q))
+    got = kl_divergence(teacher_probs([jnp.asarray(t_logits)], T), jnp.asarray(s_logits), T)
+    np.testing.assert_allclose(float(got[0]), want, rtol=1e-5)
+    # T^2 scaling: the same softened distributions without the factor
+    unscaled = kl_divergence(teacher_probs([jnp.asarray(t_logits)], T), jnp.asarray(s_logits), T) / T**2
+    np.testing.assert_allclose(float(unscaled[0]), np.sum(p * np.log(p / q)), rtol=1e-5)
+    assert float(kl_divergence(jax.nn.softmax(jnp.asarray(s_logits)), jnp.asarray(s_logits), 1.0)[0]) < 1e-6
+
+
+def test_ensemble_is_mean_of_probabilities_not_logits():
+    a, b = jnp.array([[4.0, 0.0]]), jnp.array([[0.0, 1.0]])
+    pa, pb = jax.nn.softmax(a), jax.nn.softmax(b)
+    np.testing.assert_allclose(teacher_probs([a, b], 1.0), (pa + pb) / 2, rtol=1e-6)
+    assert not np.allclose(teacher_probs([a, b], 1.0), jax.nn.softmax((a + b) / 2))
+
+
+def test_cross_entropy_with_smoothing_and_unlabelled():
+    logits = jnp.array([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]])
+    ce = cross_entropy(logits, jnp.array([1, -1]), smoothing=0.1)
+    logp = np.log(np.exp([1.0, 2.0, 0.5]) / np.exp([1.0, 2.0, 0.5]).sum())
+    want = -(0.9 * logp[1] + 0.1 / 3 * logp.sum())
+    np.testing.assert_allclose(float(ce[0]), want, rtol=1e-5)
+    assert float(ce[1]) == 0.0
+
+
+def test_teacher_receives_no_gradient(getkey):
+    t, ts = create("cifar_resnet20", num_classes=10, key=getkey(), resolution=RES)
+    s, ss = create("cifar_resnet20", num_classes=10, key=getkey(), resolution=RES)
+    x = jax.random.uniform(getkey(), (4, 3, RES, RES))
+
+    def loss(t_params, s_params):
+        tm = eqx.combine(t_params, eqx.filter(t, eqx.is_array, inverse=True))
+        sm = eqx.combine(s_params, eqx.filter(s, eqx.is_array, inverse=True))
+        p = teacher_probs(teacher_logits([(tm, ts)], x), 2.0)
+        return kl_divergence(p, apply(sm, ss, x, train=False)[0], 2.0).mean()
+
+    gt, gs = jax.grad(loss, argnums=(0, 1))(eqx.filter(t, eqx.is_array), eqx.filter(s, eqx.is_array))
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(gt))
+    assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree_util.tree_leaves(gs))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A briefly trained digits teacher (about 95% on held-out digits)."""
+    model = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=RES)
+    r = train(model, digits("train"), eval_data=digits("test"), steps=150, mode="same/rc", learning_rate=3e-3,
+              progress=False)
+    assert r.metrics["top1"] > 85
+    return r.student, r.state
+
+
+def _agreement(teacher, student, state):
+    from patient.data import eval_pipeline
+
+    batch = next(iter(eval_pipeline(digits("test"), resolution=RES, batch_size=512)))
+    m = batch["mask"]
+    t = np.asarray(apply(*teacher, batch["image"])[0]).argmax(-1)[m]
+    s = np.asarray(apply(student, state, batch["image"])[0]).argmax(-1)[m]
+    return float((t == s).mean())
+
+
+def test_three_argument_call(teacher):
+    student = create("mobilenetv3_small_050", num_classes=10, key=jax.random.key(1), resolution=RES)
+    before = _agreement(teacher, *student)
+    result = distill(teacher, student, digits("train"))
+    after = _agreement(teacher, result.student, result.state)
+    assert after > 0.6 and after > before + 0.4, (before, after)
+    assert result.history and math.isfinite(result.history[-1]["loss"])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_mode_runs_by_name(mode, teacher, tmp_path):
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(2), resolution=RES, depths=(1, 1, 1))
+    STATS.update(cache_builds=0, cache_forward_examples=0)
+    source = digits("test")  # 355 examples: several epochs in 30 steps of 64
+    r = distill(teacher, student, source, steps=30, batch_size=64, mode=mode, fix_crops=3, log_every=5,
+                workdir=tmp_path, progress=False)
+    assert len(r.history) == 6 and all(math.isfinite(h["loss"]) for h in r.history)
+    if MODES[mode].fixed:
+        k = 3 if MODES[mode].ensemble else 1
+        assert STATS == {"cache_builds": 1, "cache_forward_examples": len(source) * k}
+        # a second run over the same workdir reuses the cached predictions: no teacher forward at all
+        distill(teacher, student, source, steps=5, batch_size=64, mode=mode, fix_crops=3, workdir=tmp_path / "x",
+                progress=False)
+        assert STATS["cache_builds"] == 2
+        import shutil
+
+        for f in tmp_path.glob("teacher_cache-*.npy"):
+            shutil.copy(f, tmp_path / "x")
+        STATS.update(cache_builds=0)
+        shutil.rmtree(tmp_path / "x" / "checkpoints")
+        distill(teacher, student, source, steps=5, batch_size=64, mode=mode, fix_crops=3, workdir=tmp_path / "x",
+                progress=False)
+        assert STATS["cache_builds"] == 0
+    else:
+        assert STATS["cache_builds"] == 0
+
+
+def test_bfloat16_teacher_and_resolution_ensemble(teacher):
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(3), resolution=RES, depths=(1, 1, 1))
+    r = distill([teacher, teacher], student, digits("test"), steps=6, batch_size=32, teacher_dtype="bfloat16",
+                teacher_res=24, teacher_resolutions=(16,), log_every=3, progress=False, eval_data=digits("test"))
+    assert math.isfinite(r.history[-2]["loss"]) and r.metrics["teacher_top1"] > 80
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key.*learning_rat\\b"):
+        Config().replace(learning_rat=1.0)
+    with pytest.raises(ConfigError, match="'steps' must be int, got str"):
+        Config().replace(steps="ten")
+    (tmp_path / "c.toml").write_text('[distill]\nmode = "fm"\nbatchsize = 3\n')
+    with pytest.raises(ConfigError, match="c.toml: unknown config key\\(s\\) batchsize"):
+        load_config(tmp_path / "c.toml")
+    with pytest.raises(ConfigError, match="mode='fx/rs' is not a teacher mode"):
+        Config(mode="fx/rs")
+
+
+def test_class_count_mismatch_and_missing_teacher(teacher, tmp_path):
+    student = create("cifar_resnet20", num_classes=7, key=jax.random.key(4), resolution=RES)
+    with pytest.raises(ValueError, match="teacher cifar_resnet20 predicts 10 classes but student cifar_resnet20 predicts 7"):
+        distill(teacher, student, digits("test"), steps=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="teacher file .*nope.eqx not found"):
+        distill(tmp_path / "nope.eqx", student, digits("test"), steps=1, progress=False)
+
+
+def test_non_finite_loss_names_the_step(teacher, tmp_path):
+    bad = jax.tree_util.tree_map(lambda x: x * np.nan if eqx.is_inexact_array(x) else x, teacher[0])
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(5), resolution=RES, depths=(1, 1, 1))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1; last good checkpoint: none"):
+        distill((bad, teacher[1]), student, digits("test"), steps=3, progress=False, workdir=tmp_path)
+
+
+def test_cli_exits_non_zero_with_one_line(tmp_path):
+    (tmp_path / "bad.toml").write_text("[distill]\nstepz = 3\n")
+    p = subprocess.run([sys.executable, "-m", "patient.cli.distill", "--config", str(tmp_path / "bad.toml"),
+                        "--teacher", "t.eqx", "--student", "cifar_resnet20"], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "unknown config key(s) stepz" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "patient.cli.distill", "--teacher", str(tmp_path / "t.eqx"),
+                        "--student", "cifar_resnet20", "--set", "steps=1"], capture_output=True, text=True)
+    assert p.returncode == 2 and "t.eqx not found" in p.stderr
+
+
+# ----------------------------------------------------------------------------- mesh equivalence (4 CPU devices)
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, sys, jax, numpy as np
+    import patient
+    from patient.data import digits
+    from patient.models import create
+    out = {}
+    src = digits("test")
+    for name, kw in [("bit_r26x1_cifar", dict(depths=(1, 1, 1, 1), width=0.5)), ("cifar_resnet20", dict(depths=(1, 1, 1)))]:
+        t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=16, depths=(1, 1, 1))
+        s = create(name, num_classes=10, key=jax.random.key(1), resolution=16, **kw)
+        for n in (1, 4):
+            r = patient.distill(t, s, src, steps=20, batch_size=32, log_every=1, progress=False,
+                                devices=jax.devices()[:n])
+            out[f"{name}/{n}"] = [h["loss"] for h in r.history]
+    try:
+        patient.distill(t, s, src, steps=1, batch_size=30, progress=False)
+    except ValueError as e:
+        out["error"] = str(e)
+    print(json.dumps(out))
+""")
+
+
+def test_four_device_mesh_matches_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    for name in ("bit_r26x1_cifar", "cifar_resnet20"):
+        one, four = np.array(out[f"{name}/1"]), np.array(out[f"{name}/4"])
+        assert len(one) == 20
+        np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
+    assert "batch_size=30 is not divisible by the 4 devices" in out["error"]
+
+
+# -------------------------------------------------------------------------------------- kill and resume
+
+RUN_SCRIPT = textwrap.dedent("""
+    import sys, time, jax
+    import patient
+    from patient.data import digits
+    from patient.models import create
+
+    class Slow:  # a source that takes a little time per example, so the parent can kill mid-run
+        def __init__(self, src):
+            self.src, self.num_classes, self.class_names = src, src.num_classes, src.class_names
+        def __len__(self):
+            return len(self.src)
+        def __getitem__(self, i):
+            time.sleep(0.002)
+            return self.src[i]
+
+    workdir, out = sys.argv[1], sys.argv[2]
+    t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=16, depths=(1, 1, 1))
+    s = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=16, depths=(1, 1, 1))
+    r = patient.distill(t, s, Slow(digits("test")), steps=40, batch_size=32, checkpoint_every=4, keep_checkpoints=2,
+                        workdir=workdir, progress=False)
+    patient.save(out, r.student, r.state)
+""")
+
+
+def _checkpoint_steps(workdir):
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_sigkill_twice_then_resume_is_bit_identical(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    ref = subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), str(tmp_path / "ref.eqx")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    work, kills = tmp_path / "work", []
+    for kill_after in (8, 20):
+        proc = subprocess.Popen([sys.executable, str(script), str(work), str(tmp_path / "out.eqx")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            steps = _checkpoint_steps(work)
+            if steps and steps[-1] >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                kills.append(steps[-1])
+                break
+            time.sleep(0.02)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert kills[0] < kills[1] < 40
+    done = subprocess.run([sys.executable, str(script), str(work), str(tmp_path / "out.eqx")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = patient.load(tmp_path / "ref.eqx"), patient.load(tmp_path / "out.eqx")
+    for x, y in zip(jax.tree_util.tree_leaves(a[:2]), jax.tree_util.tree_leaves(b[:2])):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert len(_checkpoint_steps(work)) <= 2  # keep_checkpoints
+
+
+def test_tensorboard_events_read_back_with_tensorflow(tmp_path):
+    """Our hand-encoded event file, parsed by TensorFlow's own reader (the reference implementation)."""
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow (the export extra) reads the events back")
+    from patient.engine.tensorboard import EventWriter, crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    w = EventWriter(tmp_path)
+    w.scalars(3, {"loss": 0.5, "eval_top1": 97.25})
+    w.scalars(10, {"loss": 0.25})
+    w.close()
+    seen = []
+    for event in tf.compat.v1.train.summary_iterator(str(w.path)):
+        for v in event.summary.value:
+            seen.append((event.step, v.tag, round(v.simple_value, 4)))
+    assert seen == [(3, "loss", 0.5), (3, "eval_top1", 97.25), (10, "loss", 0.25)]
