@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmarks: machine facts, timing, and the closing JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def time_call(fn, *, warmup: int, runs: int) -> list[float]:
+    """Seconds per call of `fn` (which must block until its work is done), warm-up excluded."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    """Render `rows` as a fixed-width text table; `cols` is [(key, header)]."""
+    cells = [[h for _, h in cols]] + [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def json_line(name: str, **figures) -> str:
+    return json.dumps({"benchmark": name, **machine(), **figures})

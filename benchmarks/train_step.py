@@ -1,0 +1,183 @@
+"""Images/s of patient's distill step against the same models and loss in PyTorch eager, in one run.
+
+    python benchmarks/train_step.py [--steps 15] [--save benchmarks/results/train_step.txt]
+
+Pairs: bit_r50x1 -> mobilenetv3_small_100 at 128 px, batch 32; cifar_resnet56 -> cifar_resnet20 at 32 px, batch 128.
+The step: mixup (one lambda, roll by one) on both views, teacher forward without gradient, KL at T=1, student forward
+and backward, Adam update. JAX variants: teacher float32 / bfloat16 (state donated in both). PyTorch: timm models
+(CIFAR ResNets written here, same architecture), eager, as many threads as cores. Compile time is reported apart.
+About 8 minutes on 2 cores. Prints a table and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import json_line, machine, median, table, time_call  # noqa: E402
+
+PAIRS = [
+    ("bit_r50x1", "mobilenetv3_small_100", 128, 32),
+    ("cifar_resnet56", "cifar_resnet20", 32, 128),
+]
+
+
+def child_jax(steps: int, teacher_dtype: str) -> dict:
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    from patient.engine.config import Config
+    from patient.engine.step import init_state, make_mesh, make_optimizer, make_step
+    from patient.engine.teachers import cast_floating
+    from patient.models import create
+
+    out = {}
+    for t_name, s_name, res, bs in PAIRS:
+        cfg = Config(batch_size=bs, steps=1000, teacher_dtype=teacher_dtype)
+        t = create(t_name, num_classes=100, key=jax.random.key(0))
+        if teacher_dtype == "bfloat16":
+            t = cast_floating(t, jax.numpy.bfloat16)
+        s, ss = create(s_name, num_classes=100, key=jax.random.key(1))
+        params, static = eqx.partition(s, eqx.is_array)
+        opt = make_optimizer(cfg, 1000)
+        mesh = make_mesh()
+        step = make_step(cfg, static, opt, mesh=mesh, supervised=False, use_cache=False, mix=True)
+        ts = init_state(params, ss, opt, 0)
+        rng = np.random.default_rng(0)
+        batch = {"student": rng.uniform(0, 1, (bs, 3, res, res)).astype(np.float32),
+                 "teacher": rng.uniform(0, 1, (bs, 3, res, res)).astype(np.float32),
+                 "label": np.zeros(bs, np.int32)}
+        holder = {"ts": ts}
+        t0 = time.perf_counter()
+        holder["ts"], m = step(holder["ts"], batch, [t])
+        m["loss"].block_until_ready()
+        compile_s = time.perf_counter() - t0
+
+        def one():
+            holder["ts"], m = step(holder["ts"], batch, [t])
+            m["loss"].block_until_ready()
+
+        times = time_call(one, warmup=2, runs=steps)
+        out[f"{t_name}->{s_name}"] = {"images_per_s": bs / median(times), "compile_s": compile_s}
+    return out
+
+
+def child_torch(steps: int) -> dict:
+    import timm
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count())
+
+    class Basic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.down = None
+            if stride != 1 or cin != cout:
+                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = F.relu(self.b1(self.c1(x)))
+            y = self.b2(self.c2(y))
+            return F.relu(y + (x if self.down is None else self.down(x)))
+
+    def cifar_resnet(depth, classes=100):
+        n = (depth - 2) // 6
+        layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+        for i, c in enumerate((16, 32, 64)):
+            for j in range(n):
+                layers.append(Basic(cin, c, 2 if (i > 0 and j == 0) else 1))
+                cin = c
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes)]
+        return nn.Sequential(*layers)
+
+    def build(name):
+        if name.startswith("cifar_resnet"):
+            return cifar_resnet(int(name[len("cifar_resnet"):]))
+        return timm.create_model({"bit_r50x1": "resnetv2_50x1_bit"}.get(name, name), num_classes=100)
+
+    out = {}
+    for t_name, s_name, res, bs in PAIRS:
+        teacher, student = build(t_name).eval(), build(s_name).train()
+        opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+        xs, xt = torch.rand(bs, 3, res, res), torch.rand(bs, 3, res, res)
+
+        def one():
+            lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+            lam = max(lam, 1 - lam)
+            s_in = lam * xs + (1 - lam) * torch.roll(xs, 1, 0)
+            t_in = lam * xt + (1 - lam) * torch.roll(xt, 1, 0)
+            with torch.no_grad():
+                p = F.softmax(teacher(t_in), -1)
+            loss = F.kl_div(F.log_softmax(student(s_in), -1), p, reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        times = time_call(one, warmup=2, runs=steps)
+        out[f"{t_name}->{s_name}"] = {"images_per_s": bs / median(times)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--child", choices=["jax_float32", "jax_bfloat16", "torch"])
+    p.add_argument("--save")
+    args = p.parse_args()
+    if args.child:
+        res = child_torch(args.steps) if args.child == "torch" else child_jax(args.steps, args.child[4:])
+        print(json.dumps(res))
+        return
+    t0 = time.perf_counter()
+    results = {}
+    for child in ("jax_float32", "jax_bfloat16", "torch"):
+        r = subprocess.run([sys.executable, __file__, "--child", child, "--steps", str(args.steps)],
+                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        results[child] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
+            "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:160]}
+    rows = []
+    for t_name, s_name, res, bs in PAIRS:
+        k = f"{t_name}->{s_name}"
+        row = {"pair": k, "res": res, "batch": bs}
+        for child in results:
+            row[child] = results[child].get(k, {}).get("images_per_s")
+        row["compile_s"] = results["jax_float32"].get(k, {}).get("compile_s")
+        best = max((row[c] for c in ("jax_float32", "jax_bfloat16") if row[c]), default=None)
+        row["best_jax_vs_torch"] = best / row["torch"] if best and row["torch"] else None
+        rows.append(row)
+    wall = time.perf_counter() - t0
+    lines = [
+        f"command: python benchmarks/train_step.py --steps {args.steps}",
+        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"machine: {machine()['cpu']}, {machine()['cores']} cores",
+        f"run time: {wall:.0f} s",
+        f"distill step images/s (mixup + teacher fwd + student fwd/bwd + Adam), median of {args.steps} steps",
+        "",
+        table(rows, [("pair", "teacher->student"), ("res", "px"), ("batch", "batch"),
+                     ("jax_float32", "jax f32 teacher"), ("jax_bfloat16", "jax bf16 teacher"),
+                     ("torch", "torch eager"), ("best_jax_vs_torch", "best jax/torch"),
+                     ("compile_s", "compile s")]),
+    ]
+    for c, r in results.items():
+        if "error" in r:
+            lines.append(f"{c} failed: {r['error']}")
+    lines.append(json_line("train_step", run_time_s=round(wall, 1), rows=rows))
+    text = "\n".join(lines)
+    print(text)
+    if args.save:
+        Path(args.save).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
