@@ -100,7 +100,7 @@ def _agreement(teacher, student, state):
 
 
 def test_three_argument_call(teacher):
-    student = create("mobilenetv3_small_050", num_classes=10, key=jax.random.key(1), resolution=RES)
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=RES, depths=(1, 1, 1))
     before = _agreement(teacher, *student)
     result = distill(teacher, student, digits("train"))
     after = _agreement(teacher, result.student, result.state)
@@ -196,8 +196,11 @@ MESH_SCRIPT = textwrap.dedent("""
         t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=16, depths=(1, 1, 1))
         s = create(name, num_classes=10, key=jax.random.key(1), resolution=16, **kw)
         for n in (1, 4):
+            # SGD: Adam divides every gradient entry by its own magnitude, so entries that are pure rounding noise
+            # (where sums of opposite terms cancel) become full-size steps whose sign depends on summation order;
+            # that measures Adam, not the mesh. With SGD the two runs agree to ~2e-8.
             r = patient.distill(t, s, src, steps=20, batch_size=32, log_every=1, progress=False,
-                                devices=jax.devices()[:n])
+                                devices=jax.devices()[:n], optimizer="sgd", learning_rate=0.05)
             out[f"{name}/{n}"] = [h["loss"] for h in r.history]
     try:
         patient.distill(t, s, src, steps=1, batch_size=30, progress=False)

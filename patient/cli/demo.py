@@ -14,7 +14,10 @@ import time
 
 RES = 16
 TEACHER = dict(mode="same/rc", steps=200, batch_size=64, learning_rate=3e-3, log_every=50)
-STUDENT = dict(mode="fm", steps=1000, batch_size=64, learning_rate=5e-3, log_every=100, crop_area_min=0.3)
+# The paper's crops (5% of the image) and Beta(1, 1) mixup pay off only with very long schedules; on 8x8 digits and a
+# 1000-step budget, crops of at least half the image and Beta(0.2, 0.2) mixup keep function matching well above 90%.
+STUDENT = dict(mode="fm", steps=1000, batch_size=64, learning_rate=5e-3, log_every=100, crop_area_min=0.5,
+               mixup_alpha=0.2)
 
 
 def run_demo(out: str = "student.eqx") -> dict:

@@ -24,7 +24,8 @@ def kl_divergence(p_teacher: jax.Array, student_logits: jax.Array, temperature: 
     """
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     log_p = jnp.log(jnp.clip(p_teacher, 1e-30, 1.0))
-    kl = jnp.sum(jnp.where(p_teacher > 0, p_teacher * (log_p - log_q), 0.0), axis=-1)
+    # 0 * log 0 = 0; written as `p == 0` (not `p > 0`) so a NaN teacher propagates instead of vanishing.
+    kl = jnp.sum(jnp.where(p_teacher == 0, 0.0, p_teacher * (log_p - log_q)), axis=-1)
     return kl * temperature**2
 
 

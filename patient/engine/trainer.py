@@ -159,7 +159,9 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     step_fn = make_step(cfg, static, optimizer, mesh=mesh, supervised=supervised, use_cache=use_cache,
                         mix=info.mixup, resolutions=cfg.teacher_resolutions)
     replicated = NamedSharding(mesh, P())
-    ts = jax.device_put(init_state(params, s_state, optimizer, cfg.seed), replicated)
+    # The step donates its state; copy so the caller's model arrays are never the buffers that get donated.
+    ts = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), init_state(params, s_state, optimizer, cfg.seed))
+    ts = jax.device_put(ts, replicated)
 
     from patient.data import pipeline
 
@@ -267,7 +269,7 @@ def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res
             sums["agreement"] += int(((p.argmax(-1) == top5[:, 0]) & mask).sum())
             logq = logits - logits.max(-1, keepdims=True)
             logq = logq - np.log(np.exp(logq).sum(-1, keepdims=True))
-            kl = np.sum(np.where(p > 0, p * (np.log(np.clip(p, 1e-30, 1)) - logq), 0.0), -1)
+            kl = np.sum(np.where(p == 0, 0.0, p * (np.log(np.clip(p, 1e-30, 1)) - logq)), -1)
             sums["kl"] += float((kl * mask).sum())
     for x in (s_it, t_it):
         if x is not None and hasattr(x, "close"):

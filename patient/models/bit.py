@@ -45,9 +45,10 @@ class PreActBottleneck(eqx.Module):
         self.norm2 = GroupNorm(mid, groups)
         self.conv2 = Conv2d(mid, mid, 3, stride=stride, ws_eps=WS_EPS, key=k2)
         self.norm3 = GroupNorm(mid, groups)
-        # Zero-init the last conv so every unit starts as the identity (timm's zero_init_last).
-        conv3 = Conv2d(mid, out_ch, 1, ws_eps=WS_EPS, key=k3)
-        self.conv3 = eqx.tree_at(lambda c: c.weight, conv3, jnp.asarray(np.zeros(conv3.weight.shape, np.float32)))
+        # Not zero-initialised (timm's zero_init_last): weight standardisation rescales any small kernel to unit
+        # variance, so a zero kernel is the identity only until the first update and then divides rounding noise by
+        # sqrt(1e-8), which makes training needlessly sensitive to the order of floating-point sums.
+        self.conv3 = Conv2d(mid, out_ch, 1, ws_eps=WS_EPS, key=k3)
         self.downsample = Downsample(Conv2d(in_ch, out_ch, 1, stride=stride, ws_eps=WS_EPS, key=k4)) if project else None
 
     def __call__(self, x):

@@ -1,0 +1,111 @@
+"""`patient-eval`: top-1 / top-5 accuracy of a .eqx, .onnx or .tflite model on a labelled data set.
+
+    patient-eval student.eqx    --data digits                       # the test split
+    patient-eval student.onnx   --data fashion_mnist --limit 2000
+    patient-eval student.tflite --data image_folder:photos/         # works without JAX / TensorFlow
+
+Every format is fed the same pixels (`patient.bench.data.render_plain`: the whole image, antialiased bilinear resize to
+the model's resolution, [0, 1], NCHW). Prints one summary line, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+PROG = "patient-eval"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Top-1/top-5 accuracy of a .eqx, .onnx or .tflite model.")
+    p.add_argument("model", help=".eqx / .onnx / .tflite file")
+    p.add_argument("--data", required=True, help="digits | fashion_mnist | image_folder:PATH")
+    p.add_argument("--split", default="test", help="split of digits / fashion_mnist (default test)")
+    p.add_argument("--resolution", type=int, help="input side (default: the model's; exported files are fixed)")
+    p.add_argument("--batch", type=int, default=64, help="images per step for .eqx / dynamic-batch files (default 64)")
+    p.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    p.add_argument("--threads", type=int, help="intra-op threads for onnxruntime / LiteRT")
+    p.add_argument("--json", help="also write the JSON result here")
+    return p
+
+
+def evaluate(runner, source, *, batch: int = 64, limit: int | None = None) -> dict:
+    """Top-1 / top-5 of `runner` (a `patient.bench.runtime.Runner`) over `source`."""
+    from patient.bench.data import DataError, batches
+
+    k = runner.num_classes
+    correct1 = correct5 = n = 0
+    for images, labels in batches(source, runner.resolution, batch, limit):
+        if k is not None and labels.max(initial=-1) >= k:
+            raise DataError(f"{source.name} has label {int(labels.max())} but the model has {k} classes")
+        keep = labels >= 0  # unlabelled examples (-1) do not count
+        logits = runner.predict(images, batch_size=batch)[keep]
+        labels = labels[keep]
+        top = np.argsort(-logits, axis=1)[:, :5]
+        correct1 += int(np.sum(top[:, 0] == labels))
+        correct5 += int(np.sum(np.any(top == labels[:, None], axis=1)))
+        n += int(len(labels))
+    if n == 0:
+        raise DataError(f"{source.name}: no labelled examples to evaluate")
+    return {"examples": n, "top1": correct1 / n, "top5": correct5 / n}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from patient.bench.data import DataError, open_source
+    from patient.bench.runtime import ModelError, open_model
+
+    if args.batch < 1 or (args.limit is not None and args.limit < 1):
+        return _fail("--batch and --limit must be at least 1")
+    if args.resolution is not None and args.resolution < 1:
+        return _fail(f"--resolution must be a positive integer, got {args.resolution}")
+    t0 = time.perf_counter()
+    try:
+        runner = open_model(args.model, threads=args.threads, resolution=args.resolution, batch=None)
+        source = open_source(args.data, args.split)
+        if runner.format == "eqx" and args.resolution is not None:
+            _check_eqx_resolution(runner, args.resolution)
+        result = evaluate(runner, source, batch=args.batch, limit=args.limit)
+    except (ModelError, DataError, FileNotFoundError) as e:
+        return _fail(str(e))
+    result = {"model": args.model, "format": runner.format, "quantization": runner.meta.get("quantization", "none"),
+              "data": args.data, "split": args.split if not args.data.startswith("image_folder:") else None,
+              "resolution": runner.resolution, **result, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{args.model} ({runner.format}, {result['quantization']}) on {source.name}: {result['examples']} images at "
+          f"{runner.resolution} px, top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%")
+    line = json.dumps(result, sort_keys=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+def _check_eqx_resolution(runner, resolution: int) -> None:
+    from patient.bench.runtime import ModelError
+    from patient.export.fold import fold
+    from patient.export.verify import ExportError, check_resolution
+
+    try:
+        check_resolution(fold(runner.model, runner.state), resolution)
+    except ExportError as e:
+        raise ModelError(str(e)) from None
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {msg.strip().splitlines()[0] if msg.strip() else 'failed'}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
