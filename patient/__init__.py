@@ -8,7 +8,7 @@ grain, orbax) load on first use, so `patient.bench` runs .onnx/.tflite files on 
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "distill", "load", "save", "train"]
+__all__ = ["__version__", "distill", "evaluate", "load", "save", "train"]
 
 
 def __getattr__(name):
@@ -17,7 +17,7 @@ def __getattr__(name):
 
     if name in ("save", "load"):
         return getattr(importlib.import_module("patient.io"), name)
-    if name in ("distill", "train"):
+    if name in ("distill", "train", "evaluate"):
         # The engine lives in patient.engine: a sub-package named `distill` would shadow the function.
         return getattr(importlib.import_module("patient.engine"), name)
     raise AttributeError(f"module 'patient' has no attribute {name!r}")

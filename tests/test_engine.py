@@ -143,6 +143,29 @@ def test_bfloat16_teacher_and_resolution_ensemble(teacher):
     assert math.isfinite(r.history[-2]["loss"]) and r.metrics["teacher_top1"] > 80
 
 
+@pytest.mark.parametrize("method,pairs", [("kd", ()), ("fitnets", ("stage2", "stage3")), ("at", ("stage2",)),
+                                          ("nst", ("stage3",)), ("fsp", ("stage1:stage2",)), ("srd", ("pre_logits",))])
+def test_feature_methods_plug_into_the_step(method, pairs, teacher):
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(6), resolution=RES, depths=(1, 1, 1))
+    r = distill(teacher, student, digits("test"), steps=4, batch_size=32, method=method, method_pairs=pairs,
+                log_every=1, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in r.history)
+    if method != "kd":
+        assert all(method in h for h in r.history)
+    # the result is the bare student: auxiliary regressors/projectors are never part of it
+    assert jax.tree_util.tree_structure(eqx.filter(r.student, eqx.is_array)) == jax.tree_util.tree_structure(
+        eqx.filter(student[0], eqx.is_array))
+
+
+def test_feature_method_errors_at_start_up(teacher):
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(7), resolution=RES, depths=(1, 1, 1))
+    with pytest.raises(ValueError, match="student has no feature 'stage4'"):
+        distill(teacher, student, digits("test"), steps=1, method="at", method_pairs=("stage4",), progress=False)
+    with pytest.raises(ConfigError, match="method='nst' needs the teacher's features.*fix/rs"):
+        distill(teacher, student, digits("test"), steps=1, method="nst", method_pairs=("stage3",), mode="fix/rs",
+                progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def test_config_errors(tmp_path):
@@ -242,8 +265,9 @@ RUN_SCRIPT = textwrap.dedent("""
     workdir, out = sys.argv[1], sys.argv[2]
     t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=16, depths=(1, 1, 1))
     s = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=16, depths=(1, 1, 1))
+    # FitNets trains an auxiliary regressor beside the student: resume must restore it too.
     r = patient.distill(t, s, Slow(digits("test")), steps=40, batch_size=32, checkpoint_every=4, keep_checkpoints=2,
-                        workdir=workdir, progress=False)
+                        workdir=workdir, progress=False, method="fitnets", method_pairs=("stage2",))
     patient.save(out, r.student, r.state)
 """)
 

@@ -41,6 +41,12 @@ class Config:
     mixup_alpha: float = 1.0
     label_weight: float = 0.0  # weight of cross-entropy on labels added to the KL
     label_smoothing: float = 0.0  # supervised training (patient.train)
+    # what is matched: "kl" (logits; function matching), "kd" (alpha * CE + (1 - alpha) * T^2 KL), or a feature
+    # method added to the KL: "fitnets", "at", "nst", "fsp", "srd" (see patient.engine.feature_losses)
+    method: str = "kl"
+    method_weight: float = 1.0
+    method_pairs: tuple = ()  # feature names; "student_name:teacher_name" when they differ; fsp: "first:second"
+    kd_alpha: float = 0.5
     # how long
     batch_size: int = 64
     steps: int = 0  # 0: derived from epochs
@@ -120,6 +126,10 @@ def _check(c: Config) -> None:
             raise ConfigError(msg)
 
     need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
+    need(c.method in ("kl", "kd", "fitnets", "at", "nst", "fsp", "srd"),
+         f"method={c.method!r}; use kl, kd, fitnets, at, nst, fsp or srd")
+    need(all(isinstance(p, str) for p in c.method_pairs), f"method_pairs={c.method_pairs!r} must be strings")
+    need(0 <= c.kd_alpha <= 1 and c.method_weight >= 0, "kd_alpha must be in [0, 1] and method_weight >= 0")
     need(c.temperature > 0, f"temperature={c.temperature} must be > 0")
     need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0")
     need(c.steps >= 0 and c.epochs >= 0 and (c.steps > 0 or c.epochs > 0), "set steps > 0 or epochs > 0")

@@ -29,7 +29,7 @@ class TrainState(eqx.Module):
     """Everything that changes during training (and is checkpointed). The teacher is not in it."""
 
     step: jax.Array  # int32 scalar
-    params: object  # the student's arrays (eqx.partition of the model)
+    params: object  # (student arrays from eqx.partition of the model, [auxiliary modules])
     model_state: dict  # BatchNorm running statistics
     opt_state: object
     key: jax.Array  # raw uint32 key data (checkpoint-friendly)
@@ -86,10 +86,12 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
     T = cfg.temperature
     replicated = NamedSharding(mesh, P())
 
-    def loss_fn(params, model_state, batch, targets, t_probs):
-        model = eqx.combine(params, student_static)
-        logits, _, new_state = apply(model, model_state, batch["student"], train=True)
+    def loss_fn(params, model_state, batch, targets, t_probs, t_feats):
+        student_params, aux = params
+        model = eqx.combine(student_params, student_static)
+        logits, feats, new_state = apply(model, model_state, batch["student"], train=True)
         metrics = {}
+        labelled = batch["label"] >= 0
         if supervised:
             loss = soft_cross_entropy(logits, targets).mean()
             metrics["ce"] = loss
@@ -98,8 +100,16 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
             loss = kl
             metrics["kl"] = kl
             metrics["agreement"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t_probs, -1))
+            if cfg.method == "kd":  # Hinton et al.: alpha * CE(labels) + (1 - alpha) * T^2 KL
+                ce = (soft_cross_entropy(logits, targets) * labelled).mean()
+                loss = cfg.kd_alpha * ce + (1 - cfg.kd_alpha) * kl
+                metrics["ce"] = ce
+            elif cfg.method != "kl":
+                feat = feature_loss(cfg, aux, feats, t_feats)
+                loss = loss + cfg.method_weight * feat
+                metrics[cfg.method] = feat
             if cfg.label_weight > 0:
-                ce = (soft_cross_entropy(logits, targets) * (batch["label"] >= 0)).mean()
+                ce = (soft_cross_entropy(logits, targets) * labelled).mean()
                 loss = loss + cfg.label_weight * ce
                 metrics["ce"] = ce
         metrics["loss"] = loss
@@ -120,14 +130,14 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
                     mkey, batch["student"], batch["teacher"], onehot, alpha=cfg.mixup_alpha)
             else:
                 batch["student"], onehot, lam = mixup(mkey, batch["student"], onehot, alpha=cfg.mixup_alpha)
-        if supervised:
-            t_probs = None
-        elif use_cache:
+        t_probs = t_feats = None
+        if use_cache:
             t_probs = batch["teacher_probs"]
-        else:
-            t_probs = teacher_probs(teacher_logits(teachers, batch["teacher"], resolutions), T)
+        elif not supervised:
+            t_logits, t_feats = teacher_logits(teachers, batch["teacher"], resolutions, with_features=True)
+            t_probs = teacher_probs(t_logits, T)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs)
+        (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs, t_feats)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -135,6 +145,32 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
         return new, metrics
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def parse_pairs(pairs) -> list:
+    """Config strings -> feature pairs: "stage3" (same name on both sides) or "stage3:stage4" (student:teacher)."""
+    return [tuple(p.split(":", 1)) if ":" in p else p for p in pairs]
+
+
+def feature_loss(cfg: Config, aux, s_feats, t_feats):
+    """The configured feature method, summed over its pairs (aux holds FitNets regressors / the SRD projector)."""
+    from . import feature_losses as fl
+
+    pairs = parse_pairs(cfg.method_pairs)
+    names = [(p, p) if isinstance(p, str) else p for p in pairs]
+    if cfg.method == "fsp":
+        return fl.fsp_loss([(s_feats[a], s_feats[b]) for a, b in names], [(t_feats[a], t_feats[b]) for a, b in names])
+    total = 0.0
+    for i, (a, b) in enumerate(names):
+        if cfg.method == "fitnets":
+            total = total + fl.fitnets_loss(aux[i], s_feats[a], t_feats[b])
+        elif cfg.method == "at":
+            total = total + fl.at_loss(s_feats[a], t_feats[b])
+        elif cfg.method == "nst":
+            total = total + fl.nst_loss(s_feats[a], t_feats[b])
+        elif cfg.method == "srd":
+            total = total + fl.srd_loss(aux[i], s_feats[a], t_feats[b])
+    return total
 
 
 def make_eval_fn(student_static, teachers_static, *, resolutions=()):
@@ -151,6 +187,8 @@ def make_eval_fn(student_static, teachers_static, *, resolutions=()):
     return student_logits, teacher_p
 
 
-def init_state(params, model_state, optimizer, seed: int) -> TrainState:
+def init_state(params, model_state, optimizer, seed: int, aux=()) -> TrainState:
+    """Step 0. `params` are the student's arrays; `aux` the auxiliary modules (regressors, projectors) trained with it."""
+    params = (params, list(aux))
     return TrainState(jnp.asarray(0, jnp.int32), params, model_state, optimizer.init(params),
                       jax.random.key_data(jax.random.key(seed)))

@@ -52,22 +52,26 @@ def cast_floating(tree, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
 
 
-def teacher_logits(teachers, images, resolutions=()):
+def teacher_logits(teachers, images, resolutions=(), *, with_features=False):
     """Logits of every teacher (and of each extra resolution) on a batch; a list of f32[B, K].
 
     `teachers` is a list of `(model, state)`; `resolutions` re-renders the (already augmented) view at other sizes on
-    device, so one teacher can be ensembled over resolutions.
+    device, so one teacher can be ensembled over resolutions. With `with_features`, also returns the first teacher's
+    named features (for feature-based losses).
     """
-    outs = []
+    outs, first_features = [], None
     for model, state in teachers:
         dtype = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype
         views = [images] + [
             jax.image.resize(images, (*images.shape[:2], r, r), "linear", antialias=True) for r in resolutions
         ]
         for v in views:
-            logits = apply(model, state, v.astype(dtype), train=False)[0]
+            logits, feats, _ = apply(model, state, v.astype(dtype), train=False)
             outs.append(jax.lax.stop_gradient(logits.astype(jnp.float32)))
-    return outs
+            if first_features is None:
+                first_features = jax.tree_util.tree_map(
+                    lambda f: jax.lax.stop_gradient(f.astype(jnp.float32)), feats)
+    return (outs, first_features) if with_features else outs
 
 
 def _cache_key(teachers, *settings) -> str:

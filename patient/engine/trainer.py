@@ -160,7 +160,9 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                         mix=info.mixup, resolutions=cfg.teacher_resolutions)
     replicated = NamedSharding(mesh, P())
     # The step donates its state; copy so the caller's model arrays are never the buffers that get donated.
-    ts = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), init_state(params, s_state, optimizer, cfg.seed))
+    aux = _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key)
+    ts = init_state(params, s_state, optimizer, cfg.seed, aux)
+    ts = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), ts)
     ts = jax.device_put(ts, replicated)
 
     from patient.data import pipeline
@@ -239,8 +241,35 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
             print(_summary(metrics, total, time.perf_counter() - t0, supervised))
     if tb is not None:
         tb.close()
-    model = eqx.combine(jax.device_get(ts.params), static)
+    model = eqx.combine(jax.device_get(ts.params[0]), static)  # auxiliary modules stay behind: never exported
     return DistillResult(model, jax.device_get(ts.model_state), history, metrics, workdir)
+
+
+def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) -> list:
+    """Check the feature method's stage pairs against both networks (before compiling anything) and build the
+    auxiliary modules it trains: FitNets regressors or the SRD projector."""
+    if cfg.method in ("kl", "kd"):
+        return []
+    from . import feature_losses as fl
+    from .step import parse_pairs
+
+    if use_cache:
+        raise ConfigError(f"method={cfg.method!r} needs the teacher's features at every step, but mode={cfg.mode!r} "
+                          "caches the teacher's predictions; use ind/*, same/* or fm")
+    if not teachers:
+        raise ConfigError(f"method={cfg.method!r} needs a teacher")
+
+    def shapes(model, state, res):
+        x = jax.ShapeDtypeStruct((2, cfg.channels, res, res), jnp.float32)
+        return jax.eval_shape(lambda m, s, x: apply(m, s, x, train=False)[1], model, state, x)
+
+    from patient.models.registry import apply
+
+    t_model, t_state = teachers[0]
+    sizes = fl.check_feature_shapes(shapes(s_model, s_state, s_res), shapes(t_model, t_state, t_res),
+                                    parse_pairs(cfg.method_pairs), cfg.method)
+    cls = fl.HintRegressor if cfg.method == "fitnets" else fl.Projector
+    return [cls(i, o, key=jax.random.fold_in(key, 100 + n)) for n, (i, o) in enumerate(sizes)]
 
 
 def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res, t_res) -> dict:
@@ -256,7 +285,7 @@ def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res
         tb = next(t_it) if t_it is not None else sb
         mask = np.asarray(sb["mask"])
         labels = np.asarray(sb["label"])
-        logits = np.asarray(student_eval(ts.params, ts.model_state, _put(mesh, sb["image"])))
+        logits = np.asarray(student_eval(ts.params[0], ts.model_state, _put(mesh, sb["image"])))
         lab = mask & (labels >= 0)
         top5 = np.argsort(-logits, axis=-1)[:, :5]
         sums["n"] += int(mask.sum())
@@ -366,3 +395,22 @@ class _Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def evaluate(student, data, *, teacher=None, resolution: int = 0, teacher_resolution: int = 0,
+             batch_size: int = 256, channels: int = 3) -> dict:
+    """Top-1/top-5 of `student` on labelled `data` (and, with a `teacher`, teacher top-1, agreement and KL at T=1).
+
+    `student` and `teacher` are `(model, state)` pairs or `.eqx` paths; resolutions default to the student's spec.
+    **Returns:** a dict of percentages (`top1`, `top5`, `teacher_top1`, `agreement`) and `kl`, `examples`.
+    """
+    source = _as_source(data)
+    model, state = resolve_model(student, role="student", num_classes=None, key=None)
+    teachers = [] if teacher is None else [resolve_model(teacher, role="teacher", num_classes=None, key=None)]
+    params, static = eqx.partition(model, eqx.is_array)
+    cfg = Config(eval_batch_size=batch_size, channels=channels)
+    mesh = make_mesh()
+    s_res = resolution or spec_of(model).resolution
+    student_eval, teacher_eval = make_eval_fn(static, None)
+    ts = TrainState(jnp.asarray(0), (params, []), state, None, jnp.zeros((2,), jnp.uint32))
+    return _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res, teacher_resolution or s_res)
