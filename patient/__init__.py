@@ -15,6 +15,8 @@ def __getattr__(name):
     # Load on first use so `import patient` stays light (and works without JAX on a device).
     import importlib
 
+    if name == "io":
+        return importlib.import_module("patient.io")
     if name in ("save", "load"):
         return getattr(importlib.import_module("patient.io"), name)
     if name in ("distill", "train", "evaluate"):

@@ -58,11 +58,9 @@ def test_contract_shapes(name):
         assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
 
 
-# One model per distinct code path (stems, block kinds, norms); each compiles a train and an eval forward once.
-NUMERIC = ["bit_r50x1", "bit_r26x1_cifar", "resnet18", "resnet50", "cifar_resnet20", "mobilenetv3_small_050"]
-
-
-@pytest.mark.parametrize("name", NUMERIC)
+# Every registry model with one block per stage (widths, stems, block kinds and norms as registered); each compiles
+# one jitted train + eval forward.
+@pytest.mark.parametrize("name", list_models())
 def test_contract_numeric(name, getkey):
     model, state = create(name, num_classes=7, key=getkey(), **_small(name))
     res = 32

@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-size", type=int, default=32, help="verification images (default 32)")
     p.add_argument("--tolerance", type=float, help="max abs logit difference (default: see patient.export.verify)")
     p.add_argument("--min-agreement", type=float, help="minimum top-1 agreement with JAX (default 0.9 for int8)")
-    p.add_argument("--keep-int8", action="store_true", help="keep int8 ONNX even where it is slower than fp32")
+    p.add_argument("--keep-int8", action="store_true", help="keep int8 even where it is slower than fp32 on this CPU")
     p.add_argument("--ort-nchwc", action="store_true",
                    help="ONNX graph tuned for onnxruntime on x86 (squeeze-excite as Mul over Resize; slower elsewhere)")
     return p
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         else:
             from patient.export.tflite import to_tflite
 
-            report = to_tflite(args.model, args.output, **kwargs)
+            report = to_tflite(args.model, args.output, keep_int8=args.keep_int8, log=print, **kwargs)
     except (ExportError, DataError, FileNotFoundError) as e:
         return _fail(str(e), code=1 if str(e).startswith("verification failed") else 2)
     v = report["verification"]

@@ -8,8 +8,6 @@
     it.close()
 """
 
-from patient.data.mixup import mixup
-from patient.data.pipeline import eval_pipeline, fixed_teacher_views, pipeline
 from patient.data.sources import (
     ArraySource,
     ImageFolderSource,
@@ -62,3 +60,18 @@ __all__ = [
     "tfds",
 ]
 
+
+def __getattr__(name):
+    # mixup needs JAX and the pipelines need Grain: import on first use so the sources (numpy only) work on a device.
+    # Pinned into globals() because importing the submodules `mixup` / `pipeline` binds those names to the modules.
+    import importlib
+
+    if name == "mixup":
+        globals()["mixup"] = importlib.import_module("patient.data.mixup").mixup
+    elif name in ("eval_pipeline", "fixed_teacher_views", "pipeline"):
+        module = importlib.import_module("patient.data.pipeline")
+        globals().update(eval_pipeline=module.eval_pipeline, fixed_teacher_views=module.fixed_teacher_views,
+                         pipeline=module.pipeline)
+    else:
+        raise AttributeError(f"module 'patient.data' has no attribute {name!r}")
+    return globals()[name]

@@ -1,0 +1,94 @@
+"""int8 ONNX by onnxruntime static quantisation (QDQ), and the decision whether int8 is worth keeping on this CPU.
+
+Two QDQ variants are made from one fp32 graph, both with per-channel int8 weights and MinMax calibration on real images:
+U8S8 (uint8 activations, onnxruntime's usual choice on x86) and S8S8 (int8 activations, the usual choice on ARM).
+Each is timed against the fp32 graph on this machine (median of a short run, one thread). int8 is not always faster:
+operators the quantiser does not cover (MobileNetV3's HardSwish, for one) sit between DequantizeLinear and
+QuantizeLinear pairs, and the extra conversions can cost more than the int8 convolutions save. The fastest variant
+is kept; if fp32 is faster than every int8 variant, fp32 is kept and the report says so (`keep_int8=True` overrides).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+VARIANTS = {  # label -> (activation type, weight type)
+    "int8 QDQ U8S8 per-channel": ("QUInt8", "QInt8"),
+    "int8 QDQ S8S8 per-channel": ("QInt8", "QInt8"),
+}
+TIMING_RUNS, TIMING_WARMUP, TIMING_MIN_S = 20, 3, 0.5
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over calibration images cut into the graph's batch size."""
+
+    def __init__(self, images: np.ndarray, batch: int):
+        self._batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images[:batch]]
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        b = next(self._it, None)
+        return None if b is None else {"images": np.ascontiguousarray(b, np.float32)}
+
+    def rewind(self):
+        self._it = iter(self._batches)
+
+
+def median_ms(data: bytes, x: np.ndarray, threads: int = 1, runs: int = TIMING_RUNS, fmt: str = "onnx") -> float:
+    """Median latency (ms) of a serialised .onnx or .tflite model on `x` (at least `runs` runs and 0.5 s)."""
+    from patient.bench.runtime import OnnxRunner, TfliteRunner
+
+    r = (OnnxRunner if fmt == "onnx" else TfliteRunner)(content=data, threads=threads)
+    for _ in range(TIMING_WARMUP):
+        r.run_batch(x)
+    times, start = [], time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < TIMING_MIN_S:  # small models: more runs, less noise
+        t0 = time.perf_counter()
+        r.run_batch(x)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def quantize_onnx(model, calibration: np.ndarray, *, batch: int | None, keep_int8: bool = False,
+                  variants=tuple(VARIANTS), log=None) -> dict[str, Any]:
+    """Quantise the fp32 `onnx.ModelProto` `model`; return the faster artifact and the timings behind the choice.
+
+    **Returns:** `{"kept": label | "fp32", "model": ModelProto, "timings": {label: ms}, "decision": str}`.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    log = log or (lambda msg: None)
+    b = batch or 1
+    fp32 = model.SerializeToString()
+    x = np.ascontiguousarray(calibration[:b], np.float32)
+    if len(x) < b:
+        x = np.concatenate([x, np.zeros((b - len(x), *x.shape[1:]), np.float32)])
+    timings = {"fp32": median_ms(fp32, x)}
+    made = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "fp32.onnx"
+        src.write_bytes(fp32)
+        for i, label in enumerate(variants):
+            act, weight = VARIANTS[label]
+            dst = pathlib.Path(tmp) / f"int8_{i}.onnx"
+            quantize_static(str(src), str(dst), _Reader(calibration, b), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=getattr(QuantType, act),
+                            weight_type=getattr(QuantType, weight), calibrate_method=CalibrationMethod.MinMax)
+            data = dst.read_bytes()
+            made[label] = data
+            timings[label] = median_ms(data, x)
+            log(f"  {label}: {timings[label]:.2f} ms vs fp32 {timings['fp32']:.2f} ms (median, 1 thread, batch {b})")
+    best = min(made, key=lambda k: timings[k])
+    if timings[best] < timings["fp32"] or keep_int8:
+        speed = timings["fp32"] / timings[best]
+        decision = f"kept {best}: {speed:.2f}x the speed of fp32 on this CPU"
+        return {"kept": best, "model": onnx.load_from_string(made[best]), "timings": timings, "decision": decision}
+    decision = (f"int8 was slower than fp32 on this CPU ({timings[best]:.2f} ms vs {timings['fp32']:.2f} ms for the "
+                f"best variant, {best}); kept fp32")
+    return {"kept": "fp32", "model": model, "timings": timings, "decision": decision}

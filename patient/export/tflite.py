@@ -1,0 +1,167 @@
+"""TFLite export: fold, jax2tf, `tf.lite.TFLiteConverter.from_concrete_functions`, metadata, verify with LiteRT, write.
+
+The folded network is traced in NHWC, TFLite's own layout: the graph starts with one TRANSPOSE of the NCHW input (the
+input contract of every patient format) and every convolution is a native CONV_2D / DEPTHWISE_CONV_2D. Shapes are
+fixed (batch 1 by default); `dynamic_batch=True` exports a symbolic batch that LiteRT resizes at run time.
+
+Quantisation: `fp16` stores float16 weights (LiteRT computes in float32 on CPUs without fp16 arithmetic); `int8` is
+full integer quantisation (TFLITE_BUILTINS_INT8 only: every operator int8) calibrated on images from a patient source,
+with float32 input and output so that callers feed the same [0, 1] images. As for ONNX, the int8 model is timed
+against the fp32 one on this CPU and the faster is kept, saying so (MobileNetV3 int8 is slower under XNNPACK).
+
+The metadata (the same keys as the ONNX metadata_props) is one `patient` entry in the flatbuffer's metadata table,
+a JSON object of strings, readable with `ai_edge_litert.schema_py_generated` alone (see `patient.bench.runtime`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import verify as V
+from .fold import fold
+
+
+def convert(net, *, batch: int | None, resolution: int, quantize: str = "none",
+            representative: np.ndarray | None = None) -> bytes:
+    """The folded network as .tflite bytes: input f32[B, 3, R, R] (NCHW, [0, 1]), output f32[B, K]."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    poly = None if batch is not None else ["(b, _, _, _)"]
+    fn = jax2tf.convert(lambda x: net.forward(x, "NHWC"), with_gradient=False, polymorphic_shapes=poly)
+    sig = [tf.TensorSpec((batch, net.in_chans, resolution, resolution), tf.float32, name="images")]
+    tf_fn = tf.function(fn, autograph=False, input_signature=sig)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)
+    if quantize == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        step = batch or 1
+
+        def dataset():
+            for i in range(0, len(representative) - step + 1, step):
+                yield [np.ascontiguousarray(representative[i:i + step], np.float32)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif quantize != "none":
+        raise V.ExportError(f"unknown TFLite quantisation {quantize!r}; use none, fp16 or int8")
+    try:
+        with warnings.catch_warnings():
+            # "Statistics for quantized inputs were expected": the int8 model keeps float32 input on purpose.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs", category=UserWarning)
+            return bytes(converter.convert())
+    except Exception as e:  # the converter raises ConverterError with pages of MLIR; keep the first line
+        raise V.ExportError(f"TFLite conversion failed: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+def add_metadata(content: bytes, meta: dict[str, str]) -> bytes:
+    """`content` with a `patient` metadata entry holding `meta` as JSON (replacing an earlier one)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    from patient.bench.runtime import TFLITE_METADATA_NAME
+
+    model = fb.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    buf = fb.BufferT()
+    buf.data = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
+    model.metadata = [m for m in (model.metadata or []) if m.name != TFLITE_METADATA_NAME.encode()]
+    model.buffers.append(buf)
+    entry = fb.MetadataT()
+    entry.name = TFLITE_METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata.append(entry)
+    builder = flatbuffers.Builder(len(content) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def to_tflite(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, resolution: int | None = None,
+              quantize: str = "none", calibration: str | None = None, calibration_size: int = 128,
+              verify_data: str = "digits", verify_size: int = 32, tolerance: float | None = None,
+              min_agreement: float | None = None, keep_int8: bool = False, class_names=None,
+              log=None) -> dict[str, Any]:
+    """Export a patient model to TFLite, verified against JAX.
+
+    **Arguments:** as `patient.export.to_onnx`, with `quantize` one of `"none"`, `"fp16"`, `"int8"` (full integer,
+    calibrated on `calibration`). As for ONNX, an int8 model slower than the fp32 one on this CPU (MobileNetV3 with
+    XNNPACK: its HardSwish and squeeze-excite products) is replaced by the fp32 model, saying so, unless `keep_int8`.
+
+    **Returns:** a report dict. **Raises:** `ExportError` (one-line message); no file is left behind.
+    """
+    quantize = quantize or "none"
+    if quantize not in ("none", "fp16", "int8"):
+        raise V.ExportError(f"TFLite quantises to none, fp16 or int8, not {quantize!r}")
+    if quantize == "int8" and not calibration:
+        raise V.ExportError("--quantize int8 needs calibration images: pass --calibration digits, fashion_mnist or "
+                            "image_folder:PATH")
+    if not dynamic_batch and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise V.ExportError(f"batch must be a positive integer, got {batch!r}")
+    source = V.open_eqx(src, class_names)
+    net = fold(source.model, source.state)
+    res = V.check_resolution(net, source.spec.resolution if resolution is None else resolution)
+    fixed = None if dynamic_batch else batch
+    calib = V.images(calibration, calibration_size, res, split="train") if quantize == "int8" else None
+    x = V.images(verify_data, verify_size, res)
+    log = log or (lambda msg: None)
+    content = convert(net, batch=fixed, resolution=res, quantize=quantize, representative=calib)
+    label = {"none": "none", "fp16": "fp16 weights", "int8": "int8 full integer (float32 input/output)"}[quantize]
+    kind, decision, timings = "fp32" if quantize == "none" else quantize, None, None
+    if quantize == "int8":
+        from .quantize import median_ms
+
+        fp32 = convert(net, batch=fixed, resolution=res)
+        x1 = np.ascontiguousarray(np.resize(calib, (fixed or 1, *calib.shape[1:])), np.float32)
+        timings = {"fp32": median_ms(fp32, x1, fmt="tflite"), "int8": median_ms(content, x1, fmt="tflite")}
+        log(f"  int8: {timings['int8']:.2f} ms vs fp32 {timings['fp32']:.2f} ms (median, 1 thread, LiteRT)")
+        if timings["int8"] < timings["fp32"] or keep_int8:
+            decision = f"kept int8: {timings['fp32'] / timings['int8']:.2f}x the speed of fp32 on this CPU"
+        else:
+            decision = (f"int8 was slower than fp32 on this CPU ({timings['int8']:.2f} ms vs {timings['fp32']:.2f} ms);"
+                        " kept fp32")
+            content, kind, label = fp32, "fp32", f"none ({decision})"
+    # Named after what is written: a default name never says int8 for an fp32 model.
+    written = quantize if kind != "fp32" or quantize == "none" else "none"
+    out = pathlib.Path(output) if output is not None else V.default_output(source, ".tflite", written)
+    meta = V.metadata(source, net, resolution=res, batch=fixed, quantization=label, fmt="tflite")
+    content = add_metadata(content, meta)
+    from patient.bench.runtime import TfliteRunner
+
+    ref = V.reference_logits(source, x)
+    got = TfliteRunner(content=content).predict(x)
+    result = V.compare(ref, got, kind=kind, tolerance=tolerance, min_agreement=min_agreement)
+    result["data"] = verify_data
+    content = add_metadata(content, {**meta, "verification": json.dumps(result, sort_keys=True)})
+    V.write_atomic(out, content)
+    ops = _op_counts(content)
+    report = {"format": "tflite", "path": str(out), "model": net.name, "resolution": res, "batch": fixed or "dynamic",
+              "bytes": len(content), "quantization": label, "ops": ops, "verification": result}
+    if decision is not None:
+        report.update(int8=timings, int8_decision=decision)
+    return report
+
+
+def _op_counts(content: bytes) -> dict[str, int]:
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAs(content, 0)
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        oc = model.OperatorCodes(i)
+        codes.append(names.get(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()), "CUSTOM"))
+    counts: dict[str, int] = {}
+    for s in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(s)
+        for j in range(sg.OperatorsLength()):
+            name = codes[sg.Operators(j).OpcodeIndex()]
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,310 @@
+"""Export: folding, ONNX and TFLite parity with JAX on real images for every family, graph contents, metadata,
+quantisation, and the bad-input behaviour of `patient-export`.
+
+Models are small (reduced depths, 32-64 px), randomly initialised, with every parameter perturbed and random BatchNorm
+running statistics, so BatchNorm folding, weight standardisation and the input normalisation are all exercised; the
+classifier is rescaled so logits reach about 5, which makes the 1e-4 tolerance a real test. One export per family and
+format is shared by all tests of the module.
+"""
+
+import json
+import pathlib
+
+import equinox as eqx
+import jax
+import numpy as np
+import onnx
+import pytest
+
+import patient
+from patient.bench.data import open_source, sample
+from patient.bench.runtime import open_model
+from patient.export import fold, to_onnx, to_tflite
+from patient.io import read_header
+from patient.models import apply, create
+
+FAMILIES = {  # name: (overrides, resolution)
+    "bit_r26x1": ({"depths": (1, 1, 1, 1)}, 64),
+    "resnet18": ({"depths": (1, 1, 1, 1)}, 64),
+    "cifar_resnet20": ({}, 32),
+    "mobilenetv3_small_050": ({}, 64),
+    "mobilenetv3_large_075": ({}, 64),
+}
+TOL = 1e-4
+
+
+def _head(model):
+    for path in (lambda m: m.fc, lambda m: m.classifier, lambda m: m.head.fc):
+        try:
+            path(model)
+            return path
+        except AttributeError:
+            continue
+    raise AssertionError("no classifier found")
+
+
+_jit_apply = eqx.filter_jit(lambda m, s, x: apply(m, s, x)[0])
+_MODELS = {}
+
+
+def perturbed_model(name, seed=0):
+    """A registry model with every float parameter perturbed, random BN statistics and logits of magnitude ~5."""
+    if (name, seed) not in _MODELS:
+        _MODELS[name, seed] = _perturbed_model(name, seed)
+    return _MODELS[name, seed]
+
+
+def _perturbed_model(name, seed):
+    overrides, res = FAMILIES[name]
+    model, state = create(name, num_classes=10, key=jax.random.key(seed), resolution=res, **overrides)
+    rng = np.random.default_rng(seed)
+    leaves, tree = jax.tree_util.tree_flatten(model)
+    new = []
+    for leaf in leaves:
+        a = np.asarray(leaf)
+        scale = 0.2 * a.std() if a.size > 1 and a.std() > 0 else 0.1  # zero-initialised leaves (BiT) get noise too
+        new.append(jax.numpy.asarray((a + scale * rng.standard_normal(a.shape)).astype(np.float32)))
+    model = jax.tree_util.tree_unflatten(tree, new)
+    state = {k: {"mean": jax.numpy.asarray(rng.normal(0, 0.5, v["mean"].shape).astype(np.float32)),
+                 "var": jax.numpy.asarray(rng.uniform(0.3, 3.0, v["var"].shape).astype(np.float32))}
+             for k, v in state.items()}
+    x = digits_images(res, 8)
+    logits = np.asarray(_jit_apply(model, state, x))
+    head = _head(model)
+    factor = 5.0 / np.abs(logits - logits.mean()).max()
+    fc = head(model)
+    model = eqx.tree_at(lambda m: (head(m).weight, head(m).bias), model, (fc.weight * factor, fc.bias * factor))
+    return model, state
+
+
+_IMAGES = {}
+
+
+def digits_images(res, n=16):
+    if (res, n) not in _IMAGES:
+        _IMAGES[res, n] = sample(open_source("digits"), n, res)
+    return _IMAGES[res, n]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> {"eqx", "onnx", "tflite", "onnx_report", "tflite_report", "model", "state", "res"} for every family."""
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, (_, res) in FAMILIES.items():
+        model, state = perturbed_model(name)
+        path = patient.save(tmp / f"{name}.eqx", model, state, class_names=[f"c{i}" for i in range(10)])
+        rep_onnx = to_onnx(path, batch=2, verify_size=16)
+        rep_tflite = to_tflite(path, batch=2, verify_size=16)
+        out[name] = {"eqx": path, "onnx": pathlib.Path(rep_onnx["path"]), "tflite": pathlib.Path(rep_tflite["path"]),
+                     "onnx_report": rep_onnx, "tflite_report": rep_tflite, "model": model, "state": state, "res": res}
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fold_matches_jax(name):
+    model, state = perturbed_model(name)
+    res = FAMILIES[name][1]
+    x = digits_images(res)
+    ref = np.asarray(_jit_apply(model, state, x))
+    net = fold(model, state)
+    assert np.abs(ref).max() > 2  # logits large enough for the tolerance to mean something
+    for layout in ("NCHW", "NHWC"):
+        got = np.asarray(jax.jit(lambda v: net.forward(v, layout))(x))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_parity_with_jax_on_digits(exported, name, fmt):
+    e = exported[name]
+    x = digits_images(e["res"])
+    ref = np.asarray(_jit_apply(e["model"], e["state"], x))
+    got = open_model(e[fmt]).predict(x)
+    diff = float(np.abs(got - ref).max())
+    print(f"{name} {fmt}: max abs logit diff {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")
+    assert diff <= TOL
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+    assert e[f"{fmt}_report"]["verification"]["max_abs_diff"] <= TOL
+
+
+def _constant_only_nodes(model):
+    inits = {t.name for t in model.graph.initializer}
+    return [n.op_type for n in model.graph.node if n.input and all(i in inits or i == "" for i in n.input)]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_onnx_graph_is_folded(exported, name):
+    m = onnx.load(exported[name]["onnx"])
+    onnx.checker.check_model(m, full_check=True)
+    ops = [n.op_type for n in m.graph.node]
+    inits = {t.name for t in m.graph.initializer}
+    assert "BatchNormalization" not in ops
+    assert ops.count("Transpose") <= 2
+    # No arithmetic on weights (weight standardisation, BN scaling): every Conv / Gemm reads its weight and bias
+    # straight from an initializer, and no node computes from initializers alone.
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            assert all(i in inits for i in n.input[1:]), n.name
+    assert _constant_only_nodes(m) == []
+    assert ops.count("Conv") == sum(1 for _ in _convs(fold(exported[name]["model"], exported[name]["state"]).ops))
+
+
+def _convs(ops):
+    from patient.export.fold import Conv, Residual, SqueezeExcite
+
+    for op in ops:
+        if isinstance(op, Conv):
+            yield op
+        elif isinstance(op, SqueezeExcite):
+            yield from (op.reduce, op.expand)
+        elif isinstance(op, Residual):
+            yield from _convs(op.pre + op.body + (op.shortcut or ()))
+
+
+def test_onnx_metadata(exported):
+    e = exported["mobilenetv3_small_050"]
+    header = read_header(e["eqx"])[0]
+    r = open_model(e["onnx"])
+    assert r.meta["eqx_payload_sha256"] == header["payload_sha256"]
+    assert r.meta["patient_version"] == patient.__version__
+    assert r.meta["resolution"] == "64" and r.resolution == 64 and r.batch == 2
+    assert r.meta["class_names"] == [f"c{i}" for i in range(10)]
+    assert r.meta["preprocessing"]["layout"] == "NCHW" and r.meta["preprocessing"]["input_range"] == [0.0, 1.0]
+    assert r.meta["verification"]["images"] == 16
+    assert int(r.meta["macs"]) == fold(e["model"], e["state"]).macs(64)
+    t = open_model(e["tflite"])
+    assert {k: t.meta[k] for k in ("eqx_payload_sha256", "resolution", "class_names")} == \
+        {k: r.meta[k] for k in ("eqx_payload_sha256", "resolution", "class_names")}
+
+
+def test_tflite_is_nhwc_inside(exported):
+    ops = exported["resnet18"]["tflite_report"]["ops"]
+    assert ops.get("TRANSPOSE", 0) == 1 and ops["CONV_2D"] == 12
+
+
+def test_dynamic_batch_onnx(exported, tmp_path):
+    e = exported["bit_r26x1"]
+    rep = to_onnx(e["eqx"], tmp_path / "dyn.onnx", dynamic_batch=True, verify_size=16)
+    r = open_model(rep["path"])
+    assert r.batch is None
+    x = digits_images(e["res"])[:5]
+    np.testing.assert_allclose(r.run_batch(x), np.asarray(_jit_apply(e["model"], e["state"], x)), atol=TOL, rtol=0)
+
+
+def test_ort_nchwc_graph_is_exact(exported, tmp_path):
+    e = exported["mobilenetv3_small_050"]
+    rep = to_onnx(e["eqx"], tmp_path / "nchwc.onnx", ort_nchwc=True, verify_size=16)
+    ops = [n.op_type for n in onnx.load(rep["path"]).graph.node]
+    assert ops.count("Resize") == ops.count("HardSigmoid") == 9  # one per squeeze-excite block
+    x = digits_images(e["res"])
+    np.testing.assert_allclose(open_model(rep["path"]).predict(x), np.asarray(_jit_apply(e["model"], e["state"], x)),
+                               atol=TOL, rtol=0)
+
+
+def test_quantized_exports(exported, tmp_path):
+    e = exported["cifar_resnet20"]
+    rep = to_onnx(e["eqx"], tmp_path / "q.onnx", quantize="int8", calibration="digits", calibration_size=16,
+                  verify_size=16, min_agreement=0.5, keep_int8=True)
+    assert rep["quantization"].startswith("int8 QDQ") and set(rep["int8"]) > {"fp32"}
+    assert "QuantizeLinear" in [n.op_type for n in onnx.load(rep["path"]).graph.node]
+    for q in ("fp16", "int8"):
+        rep = to_tflite(e["eqx"], tmp_path / f"{q}.tflite", quantize=q, calibration="digits", calibration_size=16,
+                        verify_size=16, min_agreement=0.5, keep_int8=True)
+        assert open_model(rep["path"]).meta["quantization"].startswith(q)
+    assert rep["ops"].get("QUANTIZE") == 1  # int8: float input quantised once, every operator int8
+
+
+def test_resolution_override(exported, tmp_path):
+    e = exported["cifar_resnet20"]
+    rep = to_tflite(e["eqx"], tmp_path / "r48.tflite", resolution=48, verify_size=8)
+    assert open_model(rep["path"]).resolution == 48
+    # Below the total stride (32) is fine: the demo student runs at 16 px, on 1-pixel maps from stride 16 on.
+    e = exported["mobilenetv3_small_050"]
+    assert fold(e["model"], e["state"]).stride() == 32
+    rep = to_onnx(e["eqx"], tmp_path / "r16.onnx", resolution=16, verify_size=16)
+    x = digits_images(16)
+    np.testing.assert_allclose(open_model(rep["path"]).predict(x), np.asarray(_jit_apply(e["model"], e["state"], x)),
+                               atol=TOL, rtol=0)
+
+
+def test_resolution_where_a_map_would_vanish():
+    from patient.export.fold import Conv, FoldedNet
+    from patient.export.verify import ExportError, check_resolution
+
+    w = np.zeros((4, 3, 7, 7), np.float32)
+    net = FoldedNet((Conv(w, None, 2, ((0, 0), (0, 0)), 1),), "unpadded", 4, 32)
+    assert check_resolution(net, 7) == 7
+    with pytest.raises(ExportError, match="unpadded cannot take 6 px: a 7x7/2 convolution gets a 6x6 map"):
+        check_resolution(net, 6)
+
+
+def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
+    from patient.cli.export import main
+
+    out = tmp_path / "never.onnx"
+    rc = main(["--to", "onnx", str(exported["cifar_resnet20"]["eqx"]), "-o", str(out), "--min-agreement", "1.01",
+               "--verify-size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "verification failed" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_writes_and_reports(exported, tmp_path, capsys):
+    from patient.cli.export import main
+
+    out = tmp_path / "cli.tflite"
+    rc = main(["--to", "tflite", str(exported["cifar_resnet20"]["eqx"]), "-o", str(out), "--verify-size", "8"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and out.is_file()
+    assert json.loads(lines[-1])["verification"]["max_abs_diff"] <= TOL
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, exported):
+    tmp = tmp_path_factory.mktemp("bad")
+    good = exported["mobilenetv3_small_050"]["eqx"]
+    corrupt = tmp / "corrupt.eqx"
+    data = bytearray(good.read_bytes())
+    data[-100] ^= 0xFF  # one flipped payload byte
+    corrupt.write_bytes(bytes(data))
+    text = tmp / "notes.txt"
+    text.write_text("not a model\n")
+    fake = tmp / "fake.eqx"
+    fake.write_text("{}\nnothing\n")
+    return {"good": good, "corrupt": corrupt, "text": text, "fake": fake, "missing": tmp / "missing.eqx"}
+
+
+BAD_CASES = {
+    "missing file": (["--to", "onnx", "{missing}"], "no such file"),
+    "not an .eqx": (["--to", "onnx", "{text}"], "not an .eqx"),
+    "foreign .eqx": (["--to", "tflite", "{fake}"], "not a patient .eqx"),
+    "corrupt .eqx": (["--to", "onnx", "{corrupt}"], "hash mismatch"),
+    "unknown --to": (["--to", "caffe", "{good}"], "unknown --to"),
+    "int8 without calibration": (["--to", "onnx", "{good}", "--quantize", "int8"], "needs calibration"),
+    "tflite int8 without calibration": (["--to", "tflite", "{good}", "--quantize", "int8"], "needs calibration"),
+    "resolution zero": (["--to", "tflite", "{good}", "--resolution", "0"], "positive integer"),
+    "resolution negative": (["--to", "onnx", "{good}", "--resolution", "-32"], "positive integer"),
+    "resolution too large": (["--to", "onnx", "{good}", "--resolution", "100000"], "up to 4096 px"),
+    "resolution not a number": (["--to", "onnx", "{good}", "--resolution", "big"], "invalid int"),
+    "fp16 onnx": (["--to", "onnx", "{good}", "--quantize", "fp16"], "TFLite option"),
+    "bad calibration source": (["--to", "onnx", "{good}", "--quantize", "int8", "--calibration", "imagenet"],
+                               "unknown data"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_cli_bad_input(bad_inputs, tmp_path, capsys, case):
+    from patient.cli.export import main
+
+    argv, expect = BAD_CASES[case]
+    out = tmp_path / "out" / "model.bin"
+    argv = [a.format(**{k: str(v) for k, v in bad_inputs.items()}) for a in argv] + ["-o", str(out)]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("patient-export: error:") and expect in err[0], err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
