@@ -215,12 +215,14 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                 _append_history(workdir, row, tb)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
             bar.update(1)
+            paused = time.perf_counter()  # evaluation and checkpoint time stay out of images_per_s
             if eval_source is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
                 ev = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
                 history.append({"step": done, **{f"eval_{k_}": v for k_, v in ev.items()}})
                 _append_history(workdir, history[-1], tb)
             if ckpt is not None and (done % cfg.checkpoint_every == 0 if cfg.checkpoint_every else False):
                 ckpt.save(done, ts, it.get_state())
+            window_t += time.perf_counter() - paused
         if ckpt is not None and ckpt.latest() != total:
             ckpt.save(total, ts, it.get_state())
     except BaseException:
