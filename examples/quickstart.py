@@ -2,7 +2,7 @@
 
     python examples/quickstart.py        # about 1 minute on 2 CPU cores
 
-Last run printed: teacher 96.1% top-1 on held-out digits; student agreement with the teacher 95.8%.
+Last run printed (52 s): teacher 96.1% top-1 on held-out digits; student 88.7%, agreement 90.1%.
 """
 
 import jax
