@@ -58,3 +58,22 @@ def _fmt(v) -> str:
 
 def json_line(name: str, **figures) -> str:
     return json.dumps({"benchmark": name, **machine(), **figures})
+
+
+def header(command: str, seconds: float, what: str) -> list[str]:
+    """The lines every committed result starts with: command, date, machine, run time, what was measured."""
+    m = machine()
+    return [f"command: {command}", f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            f"machine: {m['cpu']}, {m['cores']} cores", f"run time: {seconds:.0f} s", what, ""]
+
+
+def report(lines: list[str], errors: dict, save: str | None) -> None:
+    """Append failed children, print, and write to `save` when given (the JSON line must already be last)."""
+    body, last = lines[:-1], lines[-1]
+    body += [f"{name} failed: {r['error']}" for name, r in errors.items() if "error" in r]
+    text = "\n".join(body + [last])
+    print(text)
+    if save:
+        from pathlib import Path
+
+        Path(save).write_text(text + "\n")

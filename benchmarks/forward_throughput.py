@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import json_line, machine, median, table, time_call  # noqa: E402
+from common import header, json_line, median, report, table, time_call  # noqa: E402
 
 MODELS = {"bit_r50x1": "resnetv2_50x1_bit", "resnet50": "resnet50", "mobilenetv3_small_100": "mobilenetv3_small_100"}
 SETTINGS = {
@@ -98,25 +98,14 @@ def main() -> None:
         row["best_vs_torch"] = (ok[row["best"]] / row["torch_eager"]) if ok and row["torch_eager"] else None
         rows.append(row)
     wall = time.perf_counter() - t0
-    lines = [
-        f"command: python benchmarks/forward_throughput.py --runs {args.runs}",
-        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"machine: {machine()['cpu']}, {machine()['cores']} cores",
-        f"run time: {wall:.0f} s",
-        f"inference images/s, {RES} px, batch {BATCH}, median of {args.runs} runs after 3 warm-up calls",
-        "",
+    what = f"inference images/s, {RES} px, batch {BATCH}, median of {args.runs} runs after 3 warm-up calls"
+    lines = header(f"python benchmarks/forward_throughput.py --runs {args.runs}", wall, what) + [
         table(rows, [("model", "model")] + [(s, s) for s in SETTINGS] + [("torch_eager", "torch eager"),
                                                                          ("best", "best"),
                                                                          ("best_vs_torch", "best/torch")]),
     ]
-    for s, res in results.items():
-        if "error" in res:
-            lines.append(f"setting {s} failed: {res['error']}")
     lines.append(json_line("forward_throughput", run_time_s=round(wall, 1), rows=rows, settings=SETTINGS))
-    text = "\n".join(lines)
-    print(text)
-    if args.save:
-        Path(args.save).write_text(text + "\n")
+    report(lines, results, args.save)
 
 
 if __name__ == "__main__":

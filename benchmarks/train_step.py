@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import json_line, machine, median, table, time_call  # noqa: E402
+from common import header, json_line, median, report, table, time_call  # noqa: E402
 
 PAIRS = [
     ("bit_r50x1", "mobilenetv3_small_100", 128, 32),
@@ -157,26 +157,15 @@ def main() -> None:
         row["best_jax_vs_torch"] = best / row["torch"] if best and row["torch"] else None
         rows.append(row)
     wall = time.perf_counter() - t0
-    lines = [
-        f"command: python benchmarks/train_step.py --steps {args.steps}",
-        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"machine: {machine()['cpu']}, {machine()['cores']} cores",
-        f"run time: {wall:.0f} s",
-        f"distill step images/s (mixup + teacher fwd + student fwd/bwd + Adam), median of {args.steps} steps",
-        "",
+    what = f"distill step images/s (mixup + teacher fwd + student fwd/bwd + Adam), median of {args.steps} steps"
+    lines = header(f"python benchmarks/train_step.py --steps {args.steps}", wall, what) + [
         table(rows, [("pair", "teacher->student"), ("res", "px"), ("batch", "batch"),
                      ("jax_float32", "jax f32 teacher"), ("jax_bfloat16", "jax bf16 teacher"),
                      ("torch", "torch eager"), ("best_jax_vs_torch", "best jax/torch"),
                      ("compile_s", "compile s")]),
     ]
-    for c, r in results.items():
-        if "error" in r:
-            lines.append(f"{c} failed: {r['error']}")
     lines.append(json_line("train_step", run_time_s=round(wall, 1), rows=rows))
-    text = "\n".join(lines)
-    print(text)
-    if args.save:
-        Path(args.save).write_text(text + "\n")
+    report(lines, results, args.save)
 
 
 if __name__ == "__main__":
