@@ -1,6 +1,6 @@
 """Shampoo vs Adam on distillation: steps to a held-out student-teacher agreement target, and seconds per step.
 
-Run (from the repository root; about 11 minutes on 2 shared cores when the teacher must be trained, about 8 when it
+Run (from the repository root; about 10 minutes on 2 shared cores when the teacher must be trained, 2.5 less when it
 is cached):
 
     python benchmarks/shampoo_vs_adam.py                      # print the tables and one JSON line
@@ -36,7 +36,23 @@ Measures:
 
 The goal of issue 5 is >= 2x fewer steps at <= 1.3x the time per step; the last lines say plainly whether it is met.
 
-Last run: see benchmarks/results/shampoo_vs_adam.txt.
+Last run (benchmarks/results/shampoo_vs_adam.txt; 2 shared Xeon cores, load average 4.2, teacher trained in the run
+(154 s, test top-1 80.6%), 574 s in all):
+
+    optimizer     lr                 shampoo settings  agreement %     KL  steps to agr.  steps to KL  s/step
+    adam       0.003                                -         77.5  0.298              -            -   0.197
+    adam        0.01                                -         80.2  0.238              -          200   0.199
+    adam *      0.03                                -         80.6   0.24            200            -   0.202
+    shampoo    0.003  block 128, every 10, graft adam         82.9  0.204            160          160   0.284
+    shampoo *   0.01  block 128, every 10, graft adam         88.6  0.115            100          100     0.2
+    shampoo     0.03  block 128, every 10, graft adam         88.5  0.111            100          100   0.189
+
+Shampoo reaches the best Adam's final agreement (80.6%) in 100 steps against 200 (2.0x; at step 80 it stood at
+80.2%, so the 20-step evaluation grid is what caps the ratio), the KL target too (2.0x), at 1.02x Adam's time per
+step (0.202 vs 0.199 s): the goal (>= 2x at <= 1.3x) is met, just; the paper's 4x is not. With the same budget
+Shampoo ends at 88.6% agreement and 2.1x lower KL. Adam at lr 0.1 (checked apart) ends at 76.1%, so Adam's grid
+brackets its best. On a student this small the root recomputation is a negligible part of the step (teacher
+forward, student forward/backward and data loading dominate).
 """
 
 from __future__ import annotations
@@ -145,6 +161,8 @@ def main():
     if args.eval_every % args.log_every or (args.eval_every // args.log_every) < 2:
         p.error("--eval-every must be a multiple (>= 2) of --log-every, so that some throughput windows hold no "
                 "evaluation")
+    if not [x for x in args.adam_lrs.split(",") if x] or not [x for x in args.shampoo_lrs.split(",") if x]:
+        p.error("--adam-lrs and --shampoo-lrs each need at least one learning rate")
     lines = []
 
     def log(s=""):
