@@ -7,9 +7,9 @@ format sees the same pixels. It needs numpy and Pillow only (no JAX, no Grain), 
   `.jpg/.jpeg/.png` files).
 - `digits` and `fashion_mnist` come from `patient.data` (scikit-learn's digits, Debian's Fashion-MNIST files), which
   needs the full install.
-- `render_plain` is `patient.data.views.render(image, plain_resize(), resolution)`: Pillow's antialiased bilinear
-  resize of the whole image, grayscale repeated to 3 channels, float32 in [0, 1], channels first. The tests check
-  that the two agree bit for bit.
+- `render_plain` calls `patient.data.views.render(image, plain_resize(), resolution)` (numpy and Pillow only):
+  Pillow's antialiased bilinear resize of the whole image, grayscale repeated to 3 channels, float32 in [0, 1],
+  channels first.
 """
 
 from __future__ import annotations
@@ -92,23 +92,12 @@ def open_source(spec: str, split: str = "test"):
 
 
 def render_plain(image: np.ndarray, resolution: int, channels: int = 3) -> np.ndarray:
-    """The whole uint8 (H, W, C) image resized to `resolution` (antialiased bilinear): float32 (C, R, R) in [0, 1]."""
-    from PIL import Image
+    """The whole uint8 (H, W, C) image resized to `resolution` (antialiased bilinear): float32 (C, R, R) in [0, 1].
 
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    pil = Image.fromarray(arr)
-    if channels == 1 and pil.mode == "RGB":
-        pil = pil.convert("L")
-    width, height = pil.size
-    view = pil.resize((resolution, resolution), Image.Resampling.BILINEAR, box=(0.0, 0.0, float(width), float(height)),
-                      reducing_gap=None)
-    out = np.asarray(view, dtype=np.float32) / np.float32(255)
-    if out.ndim == 2:
-        out = out[None]
-        return np.repeat(out, 3, axis=0) if channels == 3 else out
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    This is exactly the evaluation pipeline's rendering (`patient.data.views`, numpy and Pillow only)."""
+    from patient.data import views
+
+    return views.render(image, views.plain_resize(), resolution, channels)
 
 
 def batches(source, resolution: int, batch_size: int,
