@@ -173,7 +173,7 @@ def feature_loss(cfg: Config, aux, s_feats, t_feats):
     return total
 
 
-def make_eval_fn(student_static, teachers_static, *, resolutions=()):
+def make_eval_fn(student_static, *, resolutions=()):
     """Jitted evaluation forwards: student logits on its view, teacher probabilities (T=1) on the teacher's view."""
 
     @jax.jit

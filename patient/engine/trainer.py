@@ -184,7 +184,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
         it.set_state(data_state)
         history = _read_history(workdir, int(ts.step))
     start = int(ts.step)
-    student_eval, teacher_eval = make_eval_fn(static, None, resolutions=cfg.teacher_resolutions)
+    student_eval, teacher_eval = make_eval_fn(static, resolutions=cfg.teacher_resolutions)
     bar = _progress(total, start, cfg.progress, "distill" if not supervised else "train")
     t0, metrics = time.perf_counter(), {}
     window_t, window_n = t0, 0  # throughput over the last log window (excludes compilation after the first)
@@ -413,6 +413,6 @@ def evaluate(student, data, *, teacher=None, resolution: int = 0, teacher_resolu
     cfg = Config(eval_batch_size=batch_size, channels=channels)
     mesh = make_mesh()
     s_res = resolution or spec_of(model).resolution
-    student_eval, teacher_eval = make_eval_fn(static, None)
+    student_eval, teacher_eval = make_eval_fn(static)
     ts = TrainState(jnp.asarray(0), (params, []), state, None, jnp.zeros((2,), jnp.uint32))
     return _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res, teacher_resolution or s_res)

@@ -20,10 +20,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _bn(state, bn, x, train):
-    return bn(x, state, train)
-
-
 class BasicBlock(eqx.Module):
     conv1: Conv2d
     bn1: BatchNorm
@@ -122,13 +118,6 @@ class ResNet(eqx.Module):
         self.fc = Linear(prev, num_classes, key=keys[-1])
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.spec = spec
-
-    def init_state(self):
-        state = {}
-        for leaf in jax.tree_util.tree_leaves(self, is_leaf=lambda m: isinstance(m, BatchNorm)):
-            if isinstance(leaf, BatchNorm):
-                state.update(leaf.init_state())
-        return state
 
     def __call__(self, x, state, *, train=False, key=None):
         feats = {}
