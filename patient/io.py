@@ -43,6 +43,9 @@ def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
 
     path = Path(path)
     spec = spec_of(model)
+    if spec.family == "keras":
+        raise TypeError(f"patient.save writes patient's own models; {spec.name} wraps a Keras model: save it with "
+                        "patient.models.to_keras(model, state).save('student.keras')")
     state = {} if state is None else state
     if class_names is not None:
         class_names = [str(c) for c in class_names]

@@ -25,10 +25,13 @@ STATS = {"cache_builds": 0, "cache_forward_examples": 0}
 
 
 def resolve_model(obj, *, role: str, num_classes: int | None, key):
-    """A `(model, state)` pair, an `.eqx` path or a registry name -> `(model, state)`."""
+    """A `(model, state)` pair, an `.eqx` path, a registry name or a Keras model -> `(model, state)`."""
     import patient
     from patient.models import create
+    from patient.models.keras_interop import from_keras, is_keras_model
 
+    if is_keras_model(obj):  # a bare keras.Model: wrap with from_keras's defaults
+        return from_keras(obj)
     if isinstance(obj, tuple) and len(obj) == 2:
         model, state = obj
         spec_of(model)  # clear error for foreign modules
@@ -44,7 +47,8 @@ def resolve_model(obj, *, role: str, num_classes: int | None, key):
         if num_classes is None:
             raise ValueError(f"{role}={text!r}: building a registry model needs labelled data to know the class count")
         return create(text, num_classes=num_classes, key=key)
-    raise TypeError(f"{role} must be a (model, state) pair, an .eqx path or a registry name, got {type(obj).__name__}")
+    raise TypeError(f"{role} must be a (model, state) pair, an .eqx path, a registry name or a Keras model, got "
+                    f"{type(obj).__name__}")
 
 
 def cast_floating(tree, dtype):

@@ -74,6 +74,9 @@ def open_eqx(src, class_names=None) -> Source:
 
         model, state = src
         spec = spec_of(model)
+        if spec.family == "keras":
+            raise ExportError(f"{spec.name} wraps a Keras model; export it with Keras: patient.models.to_keras(model, "
+                              "state).export('student.onnx', format='onnx')")
         buf = io.BytesIO()
         eqx.tree_serialise_leaves(buf, (model, state or {}))  # the payload patient.save would write, so the same hash
         return Source(model, state or {}, spec, class_names, hashlib.sha256(buf.getvalue()).hexdigest(), None)

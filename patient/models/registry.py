@@ -168,8 +168,13 @@ def apply(model, state, images, *, train: bool = False, key=None):
 
     **Returns:** `(logits f32[B, K], features {name: f32[B, ...]}, new_state)`. In training BatchNorm uses batch
     statistics reduced over the whole batch (mesh-wide under a sharded jit) and `new_state` carries updated running
-    statistics; in evaluation the state is returned unchanged.
+    statistics; in evaluation the state is returned unchanged. A Keras model (`from_keras`) is batched already and
+    runs its own batched forward.
     """
+    from .keras_interop import KerasModel  # no keras import: the wrapper module imports keras only when used
+
+    if isinstance(model, KerasModel):
+        return model.forward(state, images, train=train, key=key)
 
     def one(x):
         return model(x, state, train=train, key=key)
