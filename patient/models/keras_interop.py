@@ -35,7 +35,7 @@ CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras.applications "caffe" mode: 
 PREPROCESSING = {
     "unit": ((1.0,) * 3, (0.0,) * 3, False),  # [0, 1] unchanged: your own models trained on patient's input
     "0_255": ((255.0,) * 3, (0.0,) * 3, False),  # keras.applications built with include_preprocessing=True
-    "-1_1": ((2.0,) * 3, (-1.0,) * 3, False),  # preprocess_input mode "tf": ResNetV2, MobileNet(V2), Inception, Xception
+    "-1_1": ((2.0,) * 3, (-1.0,) * 3, False),  # preprocess_input "tf": ResNetV2, MobileNet(V2), Inception, Xception
     "torch": (tuple(1 / s for s in IMAGENET_STD), tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)), False),
     "caffe": ((255.0,) * 3, tuple(-m for m in CAFFE_BGR_MEAN), True),  # ResNet50/101/152 (v1), VGG16/19
 }
@@ -47,7 +47,7 @@ def _keras():
     try:
         import keras
     except ImportError:
-        raise ImportError('Keras interop needs keras 3: pip install -e ".[keras]" (or pip install "keras>=3.8")') from None
+        raise ImportError('Keras interop needs keras 3: pip install -e ".[keras]" (or "keras>=3.8")') from None
     backend = keras.backend.backend()
     if backend != "jax":
         raise RuntimeError(
@@ -141,7 +141,8 @@ class KerasModel(eqx.Module):
 
 def _resolve_layout(keras_model, input_layout: str) -> str:
     if input_layout not in LAYOUTS:
-        raise ValueError(f"input_layout={input_layout!r}: use 'auto', 'NHWC' (channels_last) or 'NCHW' (channels_first)")
+        raise ValueError(f"input_layout={input_layout!r}: use 'auto', 'NHWC' (channels_last) or 'NCHW' "
+                         "(channels_first)")
     if input_layout != "auto":
         return input_layout
     import keras
@@ -259,7 +260,8 @@ def from_keras(keras_model, *, input_layout: str = "auto", preprocessing="auto",
     if channels not in (1, 3):
         raise ValueError(f"{keras_model.name} takes {channels} input channels; patient's images have 1 or 3")
     if (bgr or pre_name in ("torch",)) and channels != 3:
-        raise ValueError(f"preprocessing={pre_name!r} is defined for RGB input; {keras_model.name} takes {channels} channel")
+        raise ValueError(f"preprocessing={pre_name!r} is defined for RGB input; {keras_model.name} takes "
+                         f"{channels} channel")
     resolution = resolution or (height if height == width else None)
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"{keras_model.name} has no fixed square input size ({height}x{width}); pass resolution=R "
