@@ -316,7 +316,8 @@ def to_keras(model: KerasModel, state=None, *, clone: bool = False):
     **Arguments:** `model`, `state` as returned by `distill`/`train` (`result.student`, `result.state`); `clone`:
     write into a fresh `keras.models.clone_model` copy instead of the original Keras model.
 
-    **Returns:** the Keras model, ready for `save("student.keras")` or `export("student.onnx", format="onnx")`.
+    **Returns:** the Keras model, ready for `save("student.keras")` or `export("student.onnx", format="onnx")` (a
+    model never called before is called once on zeros, which Keras's `export` needs).
     Its output for `model.prepare(x)` equals `patient.models.apply(model, state, x)` logits.
     """
     keras = _keras()
@@ -344,4 +345,8 @@ def to_keras(model: KerasModel, state=None, *, clone: bool = False):
         if tuple(value.shape) != tuple(v.shape):
             raise ValueError(f"{v.path}: trained value has shape {value.shape}, the Keras variable {tuple(v.shape)}")
         v.assign(value)
+    if not getattr(target, "_called", True) and getattr(target, "inputs", None):
+        # Keras's export() refuses a model that was never called; one call on zeros records its input signature.
+        shape = [1 if d is None else d for d in target.inputs[0].shape]
+        target(np.zeros(shape, target.inputs[0].dtype), training=False)
     return target
