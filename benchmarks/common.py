@@ -68,6 +68,28 @@ def header(command: str, seconds: float, what: str) -> list[str]:
             f"machine: {m['cpu']}, {m['cores']} cores", f"run time: {seconds:.0f} s", what, ""]
 
 
+def save_with_header(path, lines: list[str], *, run_time: float, load: float, modules, note: str = "",
+                     shared: bool = True) -> None:
+    """Write `lines` to `path` under the header the optimizer/method benchmarks use: command, date, machine,
+    software versions of `modules`, run time with the load average at start (and `note`)."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    header = [
+        f"command: python {shlex.join(sys.argv)}",
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores{' (shared with other jobs)' if shared else ''}, "
+        f"{platform.system()} {platform.release()}",
+        f"software: python {platform.python_version()}, " + ", ".join(f"{m.__name__} {m.__version__}" for m in modules),
+        f"run time: {run_time:.1f} s (1-min load average at start: {load:.2f}{note})",
+        "",
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header + lines) + "\n")
+
+
 def report(lines: list[str], errors: dict, save: str | None) -> None:
     """Append failed children, print, and write to `save` when given (the JSON line must already be last)."""
     body, last = lines[:-1], lines[-1]

@@ -43,16 +43,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 
 import patient.data as pdata  # noqa: E402
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def make_jpeg_folder(root: pathlib.Path, n: int, size: int) -> pdata.ImageFolderSource:

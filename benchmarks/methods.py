@@ -54,15 +54,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import cpu_model, json_line, table  # noqa: E402
-from shampoo_vs_adam import get_teacher  # noqa: E402  (cached teacher, or trained exactly as there)
+from common import json_line, save_with_header, table  # noqa: E402
+from shampoo_vs_adam import get_teacher, teacher_note  # noqa: E402  (cached teacher, or trained exactly as there)
 
 # (row name, method, settings text, Config overrides); None method = no distillation (patient.train)
 ROWS = [
@@ -206,18 +204,8 @@ def main():
                   rows=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                         for r in table_rows]))
     if args.save:
-        header = [
-            f"command: python {shlex.join(sys.argv)}",
-            f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-            f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-            f"software: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
-            f"numpy {np.__version__}",
-            f"run time: {run_time:.1f} s (1-min load average at start: {load:.2f}; teacher "
-            f"{'loaded from cache, it trained in ' + str(tinfo['train_s']) + ' s' if tinfo['cached'] else 'trained in this run'})",
-            "",
-        ]
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text("\n".join(header + lines) + "\n")
+        save_with_header(args.save, lines, run_time=run_time, load=load, modules=(jax, optax, np),
+                         note=teacher_note(tinfo), shared=False)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,9 @@ comparison that matters is on a real student, in the distillation benchmark.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -58,19 +55,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import cpu_model, save_with_header  # noqa: E402
 
 from patient.optim import shampoo  # noqa: E402
 
 ADAM_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 SHAMPOO_LRS = {"adam": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0], "rmsprop_normalized": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,18 +210,7 @@ def main():
     log()
     log(json.dumps(summary))
     if args.save:
-        header = [
-            f"command: python {shlex.join(sys.argv)}",
-            f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-            f"machine: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs), "
-            f"{platform.system()} {platform.release()}",
-            f"software: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
-            f"numpy {np.__version__}",
-            f"run time: {run_time:.1f} s (1-min load average at start: {load:.2f})",
-            "",
-        ]
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text("\n".join(header + lines) + "\n")
+        save_with_header(args.save, lines, run_time=run_time, load=load, modules=(jax, optax, np))
 
 
 if __name__ == "__main__":

@@ -65,15 +65,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Shampoo's small eigh calls
 import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import cpu_model, table  # noqa: E402
+from common import cpu_model, save_with_header, table  # noqa: E402
 
 CACHE = pathlib.Path("/tmp/patient_bench")
 
@@ -106,6 +104,13 @@ def get_teacher(args, log):
     log(f"teacher: cifar_resnet20 at {args.res} px, {args.teacher_steps} steps (same/rc, Adam 3e-3, batch 128) on "
         f"all 60000 training images; test top-1 {info['test_top1']:.2f}%")
     return (model, state), info
+
+
+def teacher_note(tinfo) -> str:
+    """The run-time line's remark on where the teacher came from."""
+    if tinfo["cached"]:
+        return f"; teacher loaded from cache, it trained in {tinfo['train_s']} s"
+    return "; teacher trained in this run"
 
 
 def run_one(args, teacher, opt, lr, train_src, eval_src):
@@ -281,19 +286,8 @@ def main():
     )
     log(json.dumps(summary))
     if args.save:
-        header = [
-            f"command: python {shlex.join(sys.argv)}",
-            f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-            f"machine: {cpu_model()}, {os.cpu_count()} cores (shared with other jobs), "
-            f"{platform.system()} {platform.release()}",
-            f"software: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
-            f"numpy {np.__version__}",
-            f"run time: {run_time:.1f} s (1-min load average at start: {load:.2f}; teacher "
-            f"{'loaded from cache, it trained in ' + str(tinfo['train_s']) + ' s' if tinfo['cached'] else 'trained in this run'})",
-            "",
-        ]
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text("\n".join(header + lines) + "\n")
+        save_with_header(args.save, lines, run_time=run_time, load=load, modules=(jax, optax, np),
+                         note=teacher_note(tinfo))
 
 
 if __name__ == "__main__":
