@@ -100,9 +100,7 @@ def get_teacher(a, log):
                       log_every=max(1, a.teacher_steps // 10), progress=a.progress)
     info = dict(train_s=round(time.perf_counter() - t0, 1), steps=a.teacher_steps, res=a.res)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.eqx")
-    patient.save(tmp, r.student, r.state, meta=info)
-    tmp.replace(path)
+    patient.save(path, r.student, r.state, meta=info)  # atomic: a killed run leaves no half-written teacher
     log(f"teacher: trained in {info['train_s']:.0f} s, cached as {path}")
     return (r.student, r.state), dict(info, cached=False, path=str(path))
 
