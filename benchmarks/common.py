@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import threading
 import time
 
 
@@ -22,6 +24,92 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+LOAD_LIMIT = 1.0  # a speed result taken with more than this much load from elsewhere on 2 cores is not kept
+
+
+class Quiet:
+    """Load guard for speed benchmarks: `with Quiet() as q: ...`, then `q.valid`, `q.describe()`, `q.figures()`.
+
+    Before: waits up to `wait` seconds for the 1-minute load average to drop below `limit` and records it.
+    During: samples, once a second, how many threads of OTHER processes are runnable (state R in /proc): the load
+    someone else put on the machine while this benchmark ran (the 1-minute average after a run mostly measures the
+    benchmark's own threads, so it cannot tell a quiet run from a shared one). After: the 1-minute average again.
+    A run is valid when the load before is <= `limit` and other processes kept on average at most `foreign_limit`
+    threads runnable during it (half a core of 2 by default: one busy foreign thread fails it).
+    """
+
+    def __init__(self, limit: float = LOAD_LIMIT, foreign_limit: float = 0.5, wait: float = 240.0):
+        self.limit, self.foreign_limit, self.wait = limit, foreign_limit, wait
+        self.before = self.after = None
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        deadline = time.monotonic() + self.wait
+        while os.getloadavg()[0] > self.limit and time.monotonic() < deadline:
+            time.sleep(5)
+        self.before = os.getloadavg()[0]
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.after = os.getloadavg()[0]
+        return False
+
+    def _sample(self):
+        while not self._stop.wait(1.0):
+            self.samples.append(_foreign_runnable(os.getpid()))
+
+    @property
+    def foreign(self) -> float:
+        return statistics.mean(self.samples) if self.samples else 0.0
+
+    @property
+    def valid(self) -> bool:
+        return self.before is not None and self.before <= self.limit and self.foreign <= self.foreign_limit
+
+    def describe(self) -> str:
+        return (f"load: 1-min average {self.before:.2f} before, {self.after:.2f} after (the latter includes this "
+                f"benchmark's own threads); other processes' runnable threads during the run: mean "
+                f"{self.foreign:.2f}, max {max(self.samples, default=0)} -> "
+                f"{'quiet' if self.valid else f'NOT QUIET (limits {self.limit} before, {self.foreign_limit} during)'}")
+
+    def figures(self) -> dict:
+        return {"load_before": round(self.before, 2), "load_after": round(self.after, 2),
+                "foreign_runnable_mean": round(self.foreign, 2), "quiet": self.valid}
+
+
+def _foreign_runnable(root: int) -> int:
+    """Runnable threads on the machine outside `root` and its descendants."""
+    parent, states = {}, {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parent[int(pid)] = int(fields[1])
+            running = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            states[int(pid)] = running
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    mine = {root}
+    changed = True
+    while changed:
+        changed = False
+        for pid, pp in parent.items():
+            if pp in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    return sum(n for pid, n in states.items() if pid not in mine)
 
 
 def time_call(fn, *, warmup: int, runs: int) -> list[float]:
@@ -61,11 +149,12 @@ def json_line(name: str, **figures) -> str:
     return json.dumps({"benchmark": name, **machine(), **figures})
 
 
-def header(command: str, seconds: float, what: str) -> list[str]:
-    """The lines every committed result starts with: command, date, machine, run time, what was measured."""
+def header(command: str, seconds: float, what: str, quiet: Quiet | None = None) -> list[str]:
+    """The lines every committed result starts with: command, date, machine, run time, load, what was measured."""
     m = machine()
     return [f"command: {command}", f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-            f"machine: {m['cpu']}, {m['cores']} cores", f"run time: {seconds:.0f} s", what, ""]
+            f"machine: {m['cpu']}, {m['cores']} cores", f"run time: {seconds:.0f} s"]  + (
+        [quiet.describe()] if quiet else []) + [what, ""]
 
 
 def save_with_header(path, lines: list[str], *, run_time: float, load: float, modules, note: str = "",
@@ -90,12 +179,18 @@ def save_with_header(path, lines: list[str], *, run_time: float, load: float, mo
     path.write_text("\n".join(header + lines) + "\n")
 
 
-def report(lines: list[str], errors: dict, save: str | None) -> None:
-    """Append failed children, print, and write to `save` when given (the JSON line must already be last)."""
+def report(lines: list[str], errors: dict, save: str | None, quiet: Quiet | None = None) -> None:
+    """Append failed children, print, and write to `save` when given (the JSON line must already be last).
+
+    A speed result measured on a machine that was not quiet is printed but never written: exit status 3."""
     body, last = lines[:-1], lines[-1]
     body += [f"{name} failed: {r['error']}" for name, r in errors.items() if "error" in r]
     text = "\n".join(body + [last])
     print(text)
+    if quiet is not None and not quiet.valid:
+        print(f"NOT SAVED: the machine was not quiet ({quiet.describe()}); stop other jobs and rerun.",
+              file=sys.stderr)
+        sys.exit(3)
     if save:
         from pathlib import Path
 

@@ -3,8 +3,9 @@
     python benchmarks/forward_throughput.py [--runs 20] [--save benchmarks/results/forward_throughput.txt]
 
 Models: bit_r50x1, resnet50, mobilenetv3_small_100 at 128 px, batch 32, inference. Each XLA setting runs in its own
-process (XLA_FLAGS are read once at start-up); PyTorch runs in another, with as many threads as cores. About 6
-minutes on 2 cores. Prints a table and ends with one JSON line.
+process (XLA_FLAGS are read once at start-up); PyTorch runs in another, with as many threads as cores. The machine
+must be quiet (common.Quiet): otherwise the result is printed, not saved, and the exit status is 3. About 6 minutes on
+2 cores. Prints a table and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, json_line, median, report, table, time_call  # noqa: E402
+from common import Quiet, header, json_line, median, report, table, time_call  # noqa: E402
 
 MODELS = {"bit_r50x1": "resnetv2_50x1_bit", "resnet50": "resnet50", "mobilenetv3_small_100": "mobilenetv3_small_100"}
 SETTINGS = {
@@ -75,15 +76,16 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     results = {}
-    for setting, flags in SETTINGS.items():
-        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-        r = subprocess.run([sys.executable, __file__, "--child", "jax", "--runs", str(args.runs)], env=env,
+    with Quiet() as quiet:
+        for setting, flags in SETTINGS.items():
+            env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+            r = subprocess.run([sys.executable, __file__, "--child", "jax", "--runs", str(args.runs)], env=env,
+                               capture_output=True, text=True)
+            results[setting] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
+                "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+        r = subprocess.run([sys.executable, __file__, "--child", "torch", "--runs", str(args.runs)],
                            capture_output=True, text=True)
-        results[setting] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
-            "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:120]}
     torch_res = None
-    r = subprocess.run([sys.executable, __file__, "--child", "torch", "--runs", str(args.runs)], capture_output=True,
-                       text=True)
     if r.returncode == 0:
         torch_res = json.loads(r.stdout.strip().splitlines()[-1])
     rows = []
@@ -99,13 +101,14 @@ def main() -> None:
         rows.append(row)
     wall = time.perf_counter() - t0
     what = f"inference images/s, {RES} px, batch {BATCH}, median of {args.runs} runs after 3 warm-up calls"
-    lines = header(f"python benchmarks/forward_throughput.py --runs {args.runs}", wall, what) + [
+    lines = header(f"python benchmarks/forward_throughput.py --runs {args.runs}", wall, what, quiet) + [
         table(rows, [("model", "model")] + [(s, s) for s in SETTINGS] + [("torch_eager", "torch eager"),
                                                                          ("best", "best"),
                                                                          ("best_vs_torch", "best/torch")]),
     ]
-    lines.append(json_line("forward_throughput", run_time_s=round(wall, 1), rows=rows, settings=SETTINGS))
-    report(lines, results, args.save)
+    lines.append(json_line("forward_throughput", run_time_s=round(wall, 1), rows=rows, settings=SETTINGS,
+                           **quiet.figures()))
+    report(lines, results, args.save, quiet)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ Pairs: bit_r50x1 -> mobilenetv3_small_100 at 128 px, batch 32; cifar_resnet56 ->
 The step: mixup (one lambda, roll by one) on both views, teacher forward without gradient, KL at T=1, student forward
 and backward, Adam update. JAX variants: teacher float32 / bfloat16 (state donated in both). PyTorch: timm models
 (CIFAR ResNets written here, same architecture), eager, as many threads as cores. Compile time is reported apart.
-About 8 minutes on 2 cores. Prints a table and ends with one JSON line.
+
+The split table times the parts of the step one by one, in both frameworks: teacher forward (no gradient), student
+forward + backward (KL to fixed teacher probabilities), optimizer update. Parts are jitted separately in JAX, so their
+sum can exceed the fused step.
+
+The machine must be quiet (common.Quiet): the result is printed but not saved, exit status 3, when the 1-minute load
+was above 1.0 before the run or other processes kept threads runnable during it.
+About 10 minutes on 2 cores. Prints two tables and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, json_line, median, report, table, time_call  # noqa: E402
+from common import Quiet, header, json_line, median, report, table, time_call  # noqa: E402
 
 PAIRS = [
     ("bit_r50x1", "mobilenetv3_small_100", 128, 32),
@@ -65,8 +72,48 @@ def child_jax(steps: int, teacher_dtype: str) -> dict:
             m["loss"].block_until_ready()
 
         times = time_call(one, warmup=2, runs=steps)
-        out[f"{t_name}->{s_name}"] = {"images_per_s": bs / median(times), "compile_s": compile_s}
+        res_pair = {"images_per_s": bs / median(times), "compile_s": compile_s}
+        if teacher_dtype == "float32":
+            res_pair["split_ms"] = jax_split(t, holder["ts"], static, opt, batch, steps)
+        out[f"{t_name}->{s_name}"] = res_pair
     return out
+
+
+def jax_split(teacher, ts, static, opt, batch, steps: int) -> dict:
+    """Milliseconds of the step's parts, each jitted on its own: teacher forward, student forward + backward,
+    optimizer update (on the train state `ts` the full step left; the student's own arrays were donated)."""
+    import equinox as eqx
+    import jax
+    import optax
+
+    from patient.engine.losses import kl_divergence, teacher_probs
+    from patient.engine.teachers import teacher_logits
+    from patient.models import apply
+
+    params, model_state = ts.params, ts.model_state
+    t_fwd = jax.jit(lambda ts, x: teacher_probs(teacher_logits(ts, x), 1.0))
+
+    def loss(p, ms, x, tp):
+        logits, _, ms = apply(eqx.combine(p[0], static), ms, x, train=True)
+        return kl_divergence(tp, logits, 1.0).mean(), ms
+
+    s_fb = jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    def update(g, os_, p):
+        u, os_ = opt.update(g, os_, p)
+        return optax.apply_updates(p, u), os_
+
+    upd = jax.jit(update)
+    x_t, x_s = jax.device_put(batch["teacher"]), jax.device_put(batch["student"])
+    tp = t_fwd([teacher], x_t)
+    (_, _), g = s_fb(params, model_state, x_s, tp)
+    os_ = opt.init(params)
+    parts = {
+        "teacher_fwd": lambda: jax.block_until_ready(t_fwd([teacher], x_t)),
+        "student_fwd_bwd": lambda: jax.block_until_ready(s_fb(params, model_state, x_s, tp)),
+        "update": lambda: jax.block_until_ready(upd(g, os_, params)),
+    }
+    return {k: 1e3 * median(time_call(f, warmup=2, runs=steps)) for k, f in parts.items()}
 
 
 def child_torch(steps: int) -> dict:
@@ -125,7 +172,21 @@ def child_torch(steps: int) -> dict:
             opt.step()
 
         times = time_call(one, warmup=2, runs=steps)
-        out[f"{t_name}->{s_name}"] = {"images_per_s": bs / median(times)}
+        with torch.no_grad():
+            p = F.softmax(teacher(xt), -1)
+
+        def t_fwd():
+            with torch.no_grad():
+                teacher(xt)
+
+        def s_fb():
+            opt.zero_grad(set_to_none=True)
+            F.kl_div(F.log_softmax(student(xs), -1), p, reduction="batchmean").backward()
+
+        s_fb()
+        split = {"teacher_fwd": t_fwd, "student_fwd_bwd": s_fb, "update": opt.step}
+        out[f"{t_name}->{s_name}"] = {"images_per_s": bs / median(times), "split_ms": {
+            k: 1e3 * median(time_call(f, warmup=2, runs=steps)) for k, f in split.items()}}
     return out
 
 
@@ -141,11 +202,12 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     results = {}
-    for child in ("jax_float32", "jax_bfloat16", "torch"):
-        r = subprocess.run([sys.executable, __file__, "--child", child, "--steps", str(args.steps)],
-                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        results[child] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
-            "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:160]}
+    with Quiet() as quiet:
+        for child in ("jax_float32", "jax_bfloat16", "torch"):
+            r = subprocess.run([sys.executable, __file__, "--child", child, "--steps", str(args.steps)],
+                               capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            results[child] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
+                "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:160]}
     rows = []
     for t_name, s_name, res, bs in PAIRS:
         k = f"{t_name}->{s_name}"
@@ -156,16 +218,30 @@ def main() -> None:
         best = max((row[c] for c in ("jax_float32", "jax_bfloat16") if row[c]), default=None)
         row["best_jax_vs_torch"] = best / row["torch"] if best and row["torch"] else None
         rows.append(row)
+    split_rows = []
+    for t_name, s_name, res, bs in PAIRS:
+        k = f"{t_name}->{s_name}"
+        js = results["jax_float32"].get(k, {}).get("split_ms", {})
+        ts = results["torch"].get(k, {}).get("split_ms", {})
+        for part in ("teacher_fwd", "student_fwd_bwd", "update"):
+            j, t = js.get(part), ts.get(part)
+            split_rows.append({"pair": k, "part": part, "jax_ms": j, "torch_ms": t,
+                               "jax_speed_vs_torch": t / j if j and t else None})
     wall = time.perf_counter() - t0
     what = f"distill step images/s (mixup + teacher fwd + student fwd/bwd + Adam), median of {args.steps} steps"
-    lines = header(f"python benchmarks/train_step.py --steps {args.steps}", wall, what) + [
+    lines = header(f"python benchmarks/train_step.py --steps {args.steps}", wall, what, quiet) + [
         table(rows, [("pair", "teacher->student"), ("res", "px"), ("batch", "batch"),
                      ("jax_float32", "jax f32 teacher"), ("jax_bfloat16", "jax bf16 teacher"),
                      ("torch", "torch eager"), ("best_jax_vs_torch", "best jax/torch"),
                      ("compile_s", "compile s")]),
+        "",
+        "split: each part timed alone (median ms per batch; speed = torch ms / jax ms, > 1 means JAX is faster)",
+        table(split_rows, [("pair", "teacher->student"), ("part", "part"), ("jax_ms", "jax f32 ms"),
+                           ("torch_ms", "torch ms"), ("jax_speed_vs_torch", "speed vs torch")]),
     ]
-    lines.append(json_line("train_step", run_time_s=round(wall, 1), rows=rows))
-    report(lines, results, args.save)
+    lines.append(json_line("train_step", run_time_s=round(wall, 1), rows=rows, split=split_rows,
+                           **quiet.figures()))
+    report(lines, results, args.save, quiet)
 
 
 if __name__ == "__main__":
