@@ -108,6 +108,24 @@ def test_three_argument_call(teacher):
     assert result.history and math.isfinite(result.history[-1]["loss"])
 
 
+def test_registry_student_records_the_resolution_it_was_trained_at(teacher, tmp_path):
+    """Regression (README's CLI flow): a student built from a registry name by the engine, trained at student_res,
+    must carry that resolution into the returned model and the .eqx file, so evaluation and export default to it."""
+    import patient
+    from patient.models.registry import spec_of
+
+    r = distill(teacher, "mobilenetv3_small_050", digits("train"), steps=3, batch_size=32, student_res=RES,
+                progress=False)
+    assert spec_of(r.student).resolution == RES
+    patient.save(tmp_path / "s.eqx", r.student, r.state)
+    model, state, header = patient.load(tmp_path / "s.eqx")
+    assert spec_of(model).resolution == RES and header["spec"]["resolution"] == RES
+    # and the default evaluation runs at that size: the same figure as asking for it explicitly
+    a = patient.evaluate((model, state), digits("test"))
+    b = patient.evaluate((model, state), digits("test"), resolution=RES)
+    assert a["top1"] == b["top1"]
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_every_mode_runs_by_name(mode, teacher, tmp_path):
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(2), resolution=RES, depths=(1, 1, 1))

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from patient.data.views import mode_info
-from patient.models.registry import spec_of
+from patient.models.registry import spec_of, with_resolution
 
 from .config import Config, ConfigError
 from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
@@ -244,6 +244,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     if tb is not None:
         tb.close()
     model = eqx.combine(jax.device_get(ts.params[0]), static)  # auxiliary modules stay behind: never exported
+    model = with_resolution(model, s_res)  # files written from it default to the size it was trained at
     return DistillResult(model, jax.device_get(ts.model_state), history, metrics, workdir)
 
 

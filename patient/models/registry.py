@@ -189,6 +189,19 @@ def spec_of(model) -> ModelSpec:
     return spec
 
 
+def with_resolution(model, resolution: int):
+    """`model` with `resolution` recorded in its spec (the input size it was trained at), so every file written from
+    it (.eqx, .onnx, .tflite) and every evaluation defaults to that size. The arrays are shared, not copied."""
+    import copy
+
+    spec = spec_of(model)
+    if spec.resolution == int(resolution):
+        return model
+    model = copy.copy(model)
+    object.__setattr__(model, "spec", dataclasses.replace(spec, resolution=int(resolution)))  # a static field
+    return model
+
+
 def spec_json(model) -> str:
     return json.dumps(spec_of(model).to_json(), sort_keys=True)
 
