@@ -128,6 +128,18 @@ def test_eval_bad_input(files, tmp_path, capsys, argv, expect):
     assert rc == 2 and len(err) == 1 and expect in err[0], err
 
 
+@pytest.mark.parametrize("threads, expect", [("100000", "more than 256"), ("0", "positive numbers"),
+                                             ("1,x", "numbers like 1,2")])
+def test_bench_threads_are_bounded(files, capsys, threads, expect):
+    """--threads 100000 used to allocate 16 GB and hang; now it is one line before any work."""
+    from patient.cli.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(files["onnx"]), "--threads", threads])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and expect in err[0], err
+
+
 NO_JAX = """
 import sys
 for name in ("jax", "jaxlib", "tensorflow", "equinox", "grain"):

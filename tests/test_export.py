@@ -290,6 +290,10 @@ BAD_CASES = {
     "fp16 onnx": (["--to", "onnx", "{good}", "--quantize", "fp16"], "TFLite option"),
     "bad calibration source": (["--to", "onnx", "{good}", "--quantize", "int8", "--calibration", "imagenet"],
                                "unknown data"),
+    "tolerance nan": (["--to", "onnx", "{good}", "--tolerance", "nan"], "finite number"),
+    "tolerance inf": (["--to", "tflite", "{good}", "--tolerance", "inf"], "finite number"),
+    "tolerance negative": (["--to", "onnx", "{good}", "--tolerance", "-1"], "finite number"),
+    "min agreement above 1": (["--to", "onnx", "{good}", "--min-agreement", "90"], "between 0 and 1"),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -23,6 +24,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+MAX_THREADS = 256  # runtimes allocate per-thread state up front: 100000 threads would exhaust memory and hang
+
+
 def _threads(text: str) -> list[int]:
     try:
         out = [int(t) for t in text.split(",") if t.strip()]
@@ -30,6 +34,9 @@ def _threads(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--threads takes numbers like 1,2, got {text!r}") from None
     if not out or any(t < 1 for t in out):
         raise argparse.ArgumentTypeError(f"--threads takes positive numbers like 1,2, got {text!r}")
+    if max(out) > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"--threads {max(out)} is more than {MAX_THREADS}; this machine has "
+                                         f"{os.cpu_count()} cores, so pick counts up to that")
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -52,6 +53,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.to not in ("onnx", "tflite"):
         return _fail(f"unknown --to {args.to!r}; use onnx or tflite")
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        return _fail(f"--tolerance {args.tolerance} must be a finite number >= 0 (a max abs logit difference)")
+    if args.min_agreement is not None and not (0.0 <= args.min_agreement <= 1.0):
+        return _fail(f"--min-agreement {args.min_agreement} must be between 0 and 1 (a fraction of images)")
     if args.quantize not in ("none", "fp16", "int8"):
         return _fail(f"unknown --quantize {args.quantize!r}; use none, fp16 (tflite) or int8")
     if args.quantize == "fp16" and args.to == "onnx":
