@@ -79,6 +79,12 @@ def plan(a) -> list[dict]:
     return rows
 
 
+def teacher_path(a) -> pathlib.Path:
+    """Where the teacher of these settings is cached (its name is its training recipe)."""
+    return pathlib.Path(a.cache) / (f"funmatch_teacher_cifar_resnet20_{a.res}px_{a.teacher_steps}steps_"
+                                    f"b{a.teacher_batch}_lr{a.teacher_lr:g}.eqx")
+
+
 def get_teacher(a, log):
     """cifar_resnet20 trained on all 60000 training images, loaded from the cache when it is there."""
     import jax
@@ -87,8 +93,7 @@ def get_teacher(a, log):
     from patient.data import fashion_mnist
     from patient.models import create
 
-    path = pathlib.Path(a.cache) / (f"funmatch_teacher_cifar_resnet20_{a.res}px_{a.teacher_steps}steps_"
-                                    f"b{a.teacher_batch}_lr{a.teacher_lr:g}.eqx")
+    path = teacher_path(a)
     if path.is_file():
         model, state, header = patient.load(path)
         log(f"teacher: loaded {path} (it trained in {header['meta']['train_s']:.0f} s)")

@@ -148,13 +148,42 @@ def figure(path, summary, teacher_top1, per_class):
     plt.close(fig)
 
 
+def adopt_committed(a, out) -> int:
+    """Finished runs recorded in a committed `out`/patience.json (same settings) count as done on this machine too:
+    their result.json is written back into the workdir, so a sweep continues across machines. Returns how many."""
+    path = out / "patience.json"
+    if not path.is_file():
+        return 0
+    doc = json.loads(path.read_text())
+    if doc.get("settings") != settings(a):
+        return 0
+    n = 0
+    for run in doc.get("runs", []):
+        done = pathlib.Path(a.workdir) / "rows" / _row_id(run["mode"], run["steps"], run["seed"], run["lr"]) / "result.json"
+        if not done.is_file():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(run) + "\n")
+            n += 1
+    return n
+
+
+def settings(a) -> dict:
+    """What a finished run depends on (not where it is written)."""
+    return {k: getattr(a, k) for k in FULL if k not in ("workdir", "out", "budgets", "seeds")}
+
+
+def finished_runs(a) -> list[dict]:
+    rows = pathlib.Path(a.workdir) / "rows"
+    return [json.loads(p.read_text()) for p in sorted(rows.glob("*/result.json"))] if rows.is_dir() else []
+
+
 def write(a, out, rows, tuning, teacher_top1, meta):
     summary = summarise(rows)
     gap = verdict(summary, teacher_top1)
     doc = dict(teacher_top1=teacher_top1, crop_area_min=a.crop_area_min, mixup_alpha=a.mixup_alpha,
                rows=[{k: r[k] for k in ("mode", "steps", "epochs", "seed", "lr", "test_top1", "agreement", "seconds")}
                      for r in rows],
-               summary=summary, lr_tuning=tuning, verdict=gap, **meta)
+               summary=summary, lr_tuning=tuning, verdict=gap, settings=settings(a), runs=finished_runs(a), **meta)
     cols = [("mode", "mode"), ("steps", "steps"), ("epochs", "epochs"), ("seeds", "seeds"), ("lr", "lr"),
             ("mean_top1", "mean top-1 %"), ("min_top1", "min"), ("max_top1", "max"),
             ("mean_agreement", "agreement %")]
@@ -202,12 +231,26 @@ def main(argv=None):
     import numpy as np
 
     import patient
-    from funmatch import get_teacher
+    from funmatch import get_teacher, teacher_path
     from patient.data import SubsetSource, fashion_mnist, subset
 
     teacher_args = argparse.Namespace(res=a.res, teacher_steps=a.teacher_steps, teacher_batch=a.teacher_batch,
                                       teacher_lr=a.teacher_lr, cache=a.workdir, progress=a.progress)
+    # The teacher travels with the results (1 MB), so a sweep continued on another machine distils the same teacher.
+    cached = teacher_path(teacher_args)
+    committed = out / "patience_teacher.eqx"
+    if not cached.is_file() and committed.is_file():
+        import shutil
+
+        shutil.copyfile(committed, cached)
     teacher, tinfo = get_teacher(teacher_args, print)
+    if not committed.is_file():
+        import shutil
+
+        shutil.copyfile(cached, committed)
+    adopted = adopt_committed(a, out)
+    if adopted:
+        print(f"{adopted} finished runs taken from {out / 'patience.json'}", flush=True)
     full_train = fashion_mnist("train")
     train = subset(full_train, per_class=a.per_class, seed=0)  # funmatch's 1020 images
     labels = np.asarray(full_train.labels)

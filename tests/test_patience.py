@@ -1,0 +1,46 @@
+"""benchmarks/patience.py at toy sizes: the JSON it promises, skipping finished rows, and continuing from a committed
+patience.json on a machine whose workdir is empty."""
+
+import json
+import pathlib
+import shutil
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+def test_patience_quick_json_resume_and_adopt(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import patience
+    finally:
+        sys.path.remove(str(BENCH))
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--quick", "--budgets", "3,6", "--seeds", "1", "--lrs", "1e-2", "--workdir", str(work), "--out", str(out)]
+    patience.main(argv)
+    doc = json.loads((out / "patience.json").read_text())
+    assert set(doc) >= {"teacher_top1", "crop_area_min", "mixup_alpha", "rows", "lr_tuning", "runs", "settings"}
+    assert doc["crop_area_min"] == 0.05 and doc["mixup_alpha"] == 1.0
+    assert [(r["mode"], r["steps"]) for r in doc["rows"]] == [(m, s) for s in (3, 6) for m in patience.MODES]
+    for r in doc["rows"]:
+        assert set(r) == {"mode", "steps", "epochs", "seed", "test_top1", "agreement", "seconds", "lr"}
+        assert 0 <= r["test_top1"] <= 100 and r["epochs"] == round(r["steps"] * 16 / 40, 1)
+    assert [t["chosen"] for t in doc["lr_tuning"]] == [1e-2] * 4
+    assert (out / "patience.png").stat().st_size > 0 and (out / "patience_teacher.eqx").is_file()
+
+    # A rerun trains nothing: every row is read back from its result.json, the figures are the same.
+    capsys.readouterr()
+    patience.main(argv)
+    again = json.loads((out / "patience.json").read_text())
+    assert again["rows"] == doc["rows"]
+    assert "lr 0.01" in capsys.readouterr().out
+
+    # Another machine: an empty workdir, the committed results and teacher. Nothing is trained again.
+    shutil.rmtree(work)
+    patience.main(argv)
+    third = json.loads((out / "patience.json").read_text())
+    assert third["rows"] == doc["rows"] and third["teacher_top1"] == doc["teacher_top1"]
+    assert not list((work / "rows").glob("*/checkpoints"))  # no row trained: none has checkpoints
