@@ -295,6 +295,26 @@ def _checkpoint_steps(workdir):
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def test_workdir_belongs_to_one_run(tmp_path):
+    """Regression: a workdir reused with another config used to return the old run's weights silently."""
+    from patient.engine.config import ConfigError
+
+    def run(**kw):
+        model = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=RES, depths=(1, 1, 1))
+        args = dict(steps=4, batch_size=32, checkpoint_every=2, progress=False, mode="same/rc", learning_rate=1e-3)
+        return train(model, digits("test"), workdir=tmp_path, **{**args, **kw})
+
+    first = run()
+    again = run()  # the same config (read back from config.toml) resumes: nothing differs
+    for x, y in zip(jax.tree_util.tree_leaves(first.student), jax.tree_util.tree_leaves(again.student)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    run(steps=6, log_every=3)  # a longer run of the same recipe is a resume
+    with pytest.raises(ConfigError, match=r"learning_rate \(0.001 -> 0.01\).*seed \(0 -> 3\).*new workdir"):
+        run(steps=6, learning_rate=1e-2, seed=3)
+    with pytest.raises(ConfigError, match=r"mode \('same/rc' -> 'fm'\)"):
+        run(steps=6, mode="fm")
+
+
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)

@@ -147,6 +147,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     workdir = Path(workdir) if workdir is not None else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
+        _check_same_run(workdir, cfg)
         (workdir / "config.toml").write_text(cfg.to_toml())
     use_cache = info.fixed and not supervised
     cache = None
@@ -356,6 +357,33 @@ def _progress(total, start, enabled, desc):
     # In a log file (no terminal) redraw rarely, so CI output stays readable.
     return tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, unit="step",
                 mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
+# Keys a rerun may change and still resume the same run: the length of the run (cosine then ends later) and how it is
+# observed or read (Grain's per-index randomness makes the batches independent of the worker count).
+RESUMABLE_KEYS = ("steps", "epochs", "log_every", "eval_every", "eval_batch_size", "checkpoint_every",
+                  "keep_checkpoints", "progress", "num_workers")
+
+
+def _check_same_run(workdir: Path, cfg: Config) -> None:
+    """A workdir with checkpoints belongs to one run: resuming it with another config would silently return the old
+    run's weights under the new config's name. Refuse, naming the keys that differ, before any work."""
+    from .config import load_config
+
+    old_path, ckpts = workdir / "config.toml", workdir / "checkpoints"
+    if not old_path.is_file() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+        return
+    try:
+        old = load_config(old_path)
+    except ConfigError as e:
+        raise ConfigError(f"workdir {workdir} holds a run whose config.toml cannot be read ({e}); use a new workdir "
+                          f"or delete {workdir} to start over") from None
+    differ = [f"{f.name} ({getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r})" for f in dataclasses.fields(cfg)
+              if f.name not in RESUMABLE_KEYS and getattr(old, f.name) != getattr(cfg, f.name)]
+    if differ:
+        raise ConfigError(f"workdir {workdir} holds a run with another config: {', '.join(differ)}; resume with the "
+                          f"same config (only {', '.join(RESUMABLE_KEYS)} may change), or use a new workdir, or "
+                          f"delete {workdir} to start over")
 
 
 class _Checkpoints:
