@@ -224,6 +224,25 @@ def test_cli_exits_non_zero_with_one_line(tmp_path):
     assert p.returncode == 2 and "t.eqx not found" in p.stderr
 
 
+@pytest.mark.parametrize("cli", ["distill", "train"])
+@pytest.mark.parametrize("where, expect", [("missing/dir/s.eqx", "does not exist; create it first"),
+                                           (".", "is a directory"), ("file.txt/s.eqx", "is not a directory")])
+def test_cli_checks_out_before_any_work(cli, where, expect, tmp_path, capsys, monkeypatch):
+    """Regression: an unwritable --out used to fail only at save, after the whole training, with a traceback."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    main = importlib.import_module(f"patient.cli.{cli}").main
+    args = (["--teacher", "nope.eqx", "--student", "cifar_resnet20"] if cli == "distill" else ["--model", "cifar_resnet20"])
+    t0 = time.perf_counter()
+    rc = main(args + ["--out", where, "--set", "steps=100000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and expect in err[0], err
+    assert time.perf_counter() - t0 < 5  # nothing trained, no data read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
 # ----------------------------------------------------------------------------- mesh equivalence (4 CPU devices)
 
 MESH_SCRIPT = textwrap.dedent("""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 
 def data_source(spec: str, split: str):
@@ -25,4 +27,21 @@ def fail(prog: str, err: BaseException) -> int:
     return 2
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, KeyError)
+def check_output(path: str, flag: str = "--out") -> None:
+    """Fail before any work when `path` cannot be written: its directory is missing, not a directory, or not
+    writable, or the path itself is a directory."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path such as {p / 'model.eqx'}")
+    if not parent.exists():
+        raise ValueError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: directory {parent} is not writable")
+
+
+# Mistakes a user can make (bad values, missing or unwritable files, a run that diverged) end in one line; anything
+# else (TypeError, KeyError, ...) is a bug in patient and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from .common import USER_ERRORS, data_source, fail
+from .common import USER_ERRORS, check_output, data_source, fail
 
 PROG = "patient-distill"
 
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         if args.demo:
             from patient.cli.demo import run_demo
 
+            check_output(args.out)
             run_demo(out=args.out)
             return 0
         return _distill(args)
@@ -50,6 +51,7 @@ def _distill(args) -> int:
 
     if not args.teacher or not args.student:
         raise ValueError("--teacher and --student are required (or run --demo)")
+    check_output(args.out)
     overrides = parse_set(args.set)
     cfg = load_config(args.config, **overrides) if args.config else Config().replace(**overrides)
     data = data_source(args.data, "train")

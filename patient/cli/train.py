@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from .common import USER_ERRORS, data_source, fail
+from .common import USER_ERRORS, check_output, data_source, fail
 
 PROG = "patient-train"
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         from patient.engine.config import parse_set
         from patient.models import create, list_models
 
+        check_output(args.out)
         overrides = parse_set(args.set)
         cfg = load_config(args.config, **overrides) if args.config else Config().replace(**overrides)
         data = data_source(args.data, "train")
