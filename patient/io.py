@@ -93,17 +93,38 @@ def _header_hash(header: dict) -> str:
 
 
 def read_header(path) -> tuple[dict, bytes]:
-    """Parse and check the header; returns `(header, payload)` with the payload's length and hash verified."""
+    """Parse and check the header; returns `(header, payload)` with the payload's length and hash verified.
+
+    Only the first MAX_HEADER_BYTES are read before the header is checked, and the payload is read only when the
+    file's size is the one the header declares, so a large or foreign file costs no memory before its error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    data = path.read_bytes()
-    nl = data.find(b"\n", 0, MAX_HEADER_BYTES)
-    if nl < 0:
-        raise PatientFileError(f"{path}: not a patient .eqx file (no header line); write models with patient.save")
+    with open(path, "rb") as f:
+        head = f.read(MAX_HEADER_BYTES + 1)
+        nl = head.find(b"\n", 0, MAX_HEADER_BYTES)
+        if nl < 0:
+            raise PatientFileError(f"{path}: not a patient .eqx file (no header line); write models with patient.save")
+        header = _parse_header(path, head[:nl])
+        want_len, want_hash = header.get("payload_bytes"), header.get("payload_sha256")
+        if not isinstance(want_len, int) or isinstance(want_len, bool) or want_len < 0 or not isinstance(want_hash, str):
+            raise PatientFileError(f"{path}: header lacks payload_bytes/payload_sha256; the file is damaged")
+        have = os.fstat(f.fileno()).st_size - (nl + 1)
+        if have != want_len:
+            raise PatientFileError(f"{path}: truncated or padded file (payload {have} bytes, header says {want_len})")
+        f.seek(nl + 1)
+        payload = f.read()
+    if len(payload) != want_len:
+        raise PatientFileError(f"{path}: the file changed while it was read; read it again")
+    if hashlib.sha256(payload).hexdigest() != want_hash:
+        raise PatientFileError(f"{path}: payload hash mismatch; the file is corrupt or was modified after saving")
+    return header, payload
+
+
+def _parse_header(path: Path, line: bytes) -> dict:
     try:
-        header = json.loads(data[:nl].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise PatientFileError(f"{path}: not a patient .eqx file (header is not JSON); write models with patient.save") from None
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
         raise PatientFileError(f"{path}: wrong magic, not a patient .eqx file; write models with patient.save")
@@ -117,15 +138,7 @@ def read_header(path) -> tuple[dict, bytes]:
         intact = False
     if not intact:
         raise PatientFileError(f"{path}: header hash mismatch; the header was modified after saving")
-    payload = data[nl + 1:]
-    want_len, want_hash = header.get("payload_bytes"), header.get("payload_sha256")
-    if not isinstance(want_len, int) or not isinstance(want_hash, str):
-        raise PatientFileError(f"{path}: header lacks payload_bytes/payload_sha256; the file is damaged")
-    if len(payload) != want_len:
-        raise PatientFileError(f"{path}: truncated or padded file (payload {len(payload)} bytes, header says {want_len})")
-    if hashlib.sha256(payload).hexdigest() != want_hash:
-        raise PatientFileError(f"{path}: payload hash mismatch; the file is corrupt or was modified after saving")
-    return header, payload
+    return header
 
 
 def load(path):
@@ -134,7 +147,7 @@ def load(path):
     **Returns:** `(model, state, meta)` where `meta` is the header dict (spec, class names, preprocessing, user meta).
     **Raises:** `FileNotFoundError` for a missing file, `PatientFileError` for anything that is not an intact patient file.
     """
-    from .models.registry import ModelSpec, build, describe
+    from .models.registry import ModelSpec, build, check_spec_bounds, describe, skeleton_bytes
 
     header, payload = read_header(path)
     try:
@@ -145,6 +158,20 @@ def load(path):
         describe(spec.name)
     except ValueError:
         raise PatientFileError(f"{path}: unknown model {spec.name!r} (written by a newer patient?)") from None
+    try:
+        check_spec_bounds(spec)
+    except ValueError as e:
+        raise PatientFileError(f"{path}: header's model spec is not plausible ({e}); the file is damaged") from None
+    # The sha256 values are integrity checks, not signatures: anyone can edit a header and recompute them. So the
+    # model the header describes is measured before it is built, and must fit in the payload that carries its values.
+    try:
+        need = skeleton_bytes(spec)
+    except Exception as e:  # constructor arguments the family does not take: a damaged or edited header
+        raise PatientFileError(f"{path}: header's model spec cannot be built ({type(e).__name__}); the file is "
+                               "damaged") from None
+    if need > len(payload):
+        raise PatientFileError(f"{path}: the header describes a model of {need} bytes but the payload holds "
+                               f"{len(payload)}; the file is damaged or its header was edited")
     try:
         skeleton = build(spec, None)  # zero-filled module tree of the right shapes
         model, state = eqx.tree_deserialise_leaves(io.BytesIO(payload), skeleton)

@@ -149,3 +149,47 @@ def test_fuzz_load_only_raises_clear_errors(saved, tmp_path, data):
         assert "fuzz.eqx" in str(e)
     else:
         assert blob == original
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda spec: spec["kwargs"].update(channels=[1024, 2048, 4096]), "describes a model of"),  # ~4 GB of zeros
+    (lambda spec: spec["kwargs"].update(depths=[500, 1, 1]), "describes a model of"),
+    (lambda spec: spec["kwargs"].update(width=2.0), "cannot be built"),  # not an argument of this family
+    (lambda spec: spec["kwargs"].update(width=1e300), "not plausible"),
+    (lambda spec: spec["kwargs"].update(depths=[10 ** 9, 1, 1]), "not plausible"),
+    (lambda spec: spec["kwargs"].update(depths=[100000, 1, 1]), "more than 1000 blocks"),
+    (lambda spec: spec.update(num_classes=10 ** 9), "not plausible"),
+])
+def test_edited_header_cannot_make_load_allocate(tmp_path, edit, expect):
+    """Regression: the hashes are keyless, so anyone can edit a header and recompute them. A header that declares a
+    bigger model than its payload used to build that model's zero skeleton first (a 1.1 MB file exhausted 23 GB)."""
+    import resource
+
+    from patient.io import _header_hash
+
+    model, state = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), depths=(1, 1, 1))
+    good = patient.save(tmp_path / "good.eqx", model, state)
+    head, payload = good.read_bytes().split(b"\n", 1)
+    header = json.loads(head)
+    edit(header["spec"])
+    header["header_sha256"] = _header_hash(header)
+    bad = tmp_path / "edited.eqx"
+    bad.write_bytes(json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(PatientFileError, match=expect):
+        patient.load(bad)
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grew_mb < 200, grew_mb  # the wider model would be ~4 GB of zeros
+
+
+def test_header_is_read_with_a_cap(tmp_path):
+    """A large file that is not ours (no newline in the first MiB) is refused after reading 1 MiB, not all of it."""
+    big = tmp_path / "big.eqx"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # 3 GB sparse file of zero bytes
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(PatientFileError, match="no header line"):
+        patient.load(big)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100

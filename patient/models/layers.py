@@ -7,6 +7,7 @@ layer's dotted name, so the same name identifies the statistic in a timm state d
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 
@@ -30,14 +31,19 @@ def host_rng(key) -> np.random.Generator:
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
+# Set while a skeleton is only measured (`registry.skeleton_bytes` under `eqx.filter_eval_shape`): kernels are then
+# traced zeros, so a file that declares a huge model costs no memory before it is refused.
+ABSTRACT_INIT = contextvars.ContextVar("patient_abstract_init", default=False)
+
+
 class _Zeros:
     """Stands in for a Generator when building a skeleton to load values into (`key=None`): zeros, no random work."""
 
     def standard_normal(self, shape, dtype=np.float32):
-        return np.zeros(shape, dtype)
+        return jnp.zeros(shape, dtype) if ABSTRACT_INIT.get() else np.zeros(shape, dtype)
 
     def uniform(self, low, high, shape):
-        return np.zeros(shape, np.float32)
+        return jnp.zeros(shape, np.float32) if ABSTRACT_INIT.get() else np.zeros(shape, np.float32)
 
 
 def split(key, n: int) -> list:
@@ -191,7 +197,7 @@ class Linear(eqx.Module):
     def __init__(self, in_features, out_features, *, key, zero_init=False):
         bound = 1.0 / math.sqrt(in_features)
         if zero_init:
-            self.weight = jnp.asarray(np.zeros((out_features, in_features), np.float32))
+            self.weight = jnp.zeros((out_features, in_features), jnp.float32)
             self.bias = jnp.asarray(np.zeros((out_features,), np.float32))
         else:
             rng = host_rng(key)

@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 
 from . import bit, mobilenetv3, resnet
 from .layers import BatchNorm
@@ -117,6 +118,50 @@ def build(spec: ModelSpec, key):
     cls = FAMILIES[spec.family]
     model = cls(**dict(spec.kwargs), num_classes=spec.num_classes, spec=spec, key=key)
     return model, init_state(model)
+
+
+def skeleton_bytes(spec: ModelSpec) -> int:
+    """Bytes of the arrays (parameters and state) of the model `spec` describes, found without allocating them."""
+    import equinox as eqx
+
+    from .layers import ABSTRACT_INIT
+
+    token = ABSTRACT_INIT.set(True)
+    try:
+        shapes = eqx.filter_eval_shape(build, spec, None)
+    finally:
+        ABSTRACT_INIT.reset(token)
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)
+               if hasattr(x, "shape"))
+
+
+def check_spec_bounds(spec: ModelSpec) -> None:
+    """Refuse specs no real model has (they come from files, which are untrusted): class counts above 1e6,
+    resolutions outside 1..4096, more than 1000 blocks, constructor integers above 1e5 or negative, non-finite or huge
+    floats. (Measuring such a model before refusing it would itself cost minutes and gigabytes.)"""
+    import math
+
+    def walk(v):
+        if isinstance(v, (tuple, list)):
+            for x in v:
+                yield from walk(x)
+        else:
+            yield v
+
+    if not 1 <= spec.num_classes <= 1_000_000:
+        raise ValueError(f"num_classes {spec.num_classes} outside 1..1000000")
+    if not 1 <= spec.resolution <= 4096:
+        raise ValueError(f"resolution {spec.resolution} outside 1..4096")
+    for k, v in spec.kwargs:
+        if k == "depths" and sum(x for x in walk(v) if isinstance(x, int)) > 1000:
+            raise ValueError(f"depths={v!r}: more than 1000 blocks")
+        for x in walk(v):
+            if isinstance(x, bool) or isinstance(x, str) or x is None:
+                continue
+            if isinstance(x, int) and not 0 <= x <= 100_000:
+                raise ValueError(f"constructor argument {k}={v!r} outside 0..100000")
+            if isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1000):
+                raise ValueError(f"constructor argument {k}={v!r} is not a finite number of sane size")
 
 
 def create(name: str, *, num_classes: int, key, weights: str | None = None, resolution: int | None = None,
