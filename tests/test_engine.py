@@ -4,6 +4,7 @@ mesh equivalence, kill-and-resume, and one clear error for each kind of bad inpu
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,6 +197,23 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "c.toml")
     with pytest.raises(ConfigError, match="mode='fx/rs' is not a teacher mode"):
         Config(mode="fx/rs")
+
+
+@pytest.mark.parametrize("setting, expect", [
+    ("grad_clip=nan", "grad_clip=nan: config values must be finite"),  # used to disable clipping silently
+    ("weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),  # used to disable decay silently
+    ("epochs=inf", "epochs=inf: config values must be finite"),  # used to end in an OverflowError traceback
+    ("learning_rate=-inf", "learning_rate=-inf: config values must be finite"),
+    ("b2=1.0", "b1, b2 and momentum must be in [0, 1)"),
+    ("student_res=100000", "at most 4096 px"),
+    ("batch_size=10000000000", "batch sizes must be at most"),
+    ("steps=1000000000000", "steps must be at most 1e9"),
+])
+def test_config_values_are_checked_at_parse_time(setting, expect):
+    from patient.engine.config import parse_set
+
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        Config().replace(**parse_set([setting]))
 
 
 def test_class_count_mismatch_and_missing_teacher(teacher, tmp_path):

@@ -12,6 +12,7 @@ defaults filled in) is written to `<workdir>/config.toml` so a run can be reprod
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -125,6 +126,8 @@ def _check(c: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    bad = [k for k in FIELDS if isinstance(getattr(c, k), float) and not math.isfinite(getattr(c, k))]
+    need(not bad, f"{', '.join(f'{k}={getattr(c, k)}' for k in bad)}: config values must be finite numbers")
     need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
     need(c.method in ("kl", "kd", "fitnets", "at", "nst", "fsp", "srd"),
          f"method={c.method!r}; use kl, kd, fitnets, at, nst, fsp or srd")
@@ -149,6 +152,17 @@ def _check(c: Config) -> None:
     need(c.log_every > 0 and c.eval_every >= 0 and c.eval_batch_size > 0, "log_every and eval_batch_size must be > 0")
     need(c.channels in (1, 3), f"channels={c.channels} must be 1 or 3")
     need(c.seed >= 0 and c.num_workers >= 0, "seed and num_workers must be >= 0")
+    need(c.weight_decay >= 0, f"weight_decay={c.weight_decay} must be >= 0 (0 disables it)")
+    need(c.grad_clip >= 0, f"grad_clip={c.grad_clip} must be >= 0 (0 disables clipping)")
+    need(0 <= c.b1 < 1 and 0 <= c.b2 < 1 and 0 <= c.momentum < 1, "b1, b2 and momentum must be in [0, 1)")
+    need(c.shampoo_block_size > 0 and c.shampoo_precondition_every > 0,
+         "shampoo_block_size and shampoo_precondition_every must be > 0")
+    # Bounds that keep memory and time sane: a typo here should be an error, not an out-of-memory or a year-long run.
+    need(c.student_res <= 4096 and c.teacher_res <= 4096 and all(r <= 4096 for r in c.teacher_resolutions),
+         "resolutions must be at most 4096 px")
+    need(c.batch_size <= 1 << 20 and c.eval_batch_size <= 1 << 20, "batch sizes must be at most 1048576")
+    need(c.steps <= 10 ** 9 and c.epochs <= 10 ** 6, "steps must be at most 1e9 and epochs at most 1e6")
+    need(c.fix_crops <= 1024 and c.num_workers <= 256, "fix_crops must be at most 1024 and num_workers at most 256")
 
 
 def load_config(path, **overrides) -> Config:
