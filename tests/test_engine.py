@@ -397,3 +397,24 @@ def test_tensorboard_events_read_back_with_tensorflow(tmp_path):
         for v in event.summary.value:
             seen.append((event.step, v.tag, round(v.simple_value, 4)))
     assert seen == [(3, "loss", 0.5), (3, "eval_top1", 97.25), (10, "loss", 0.25)]
+
+
+def test_fixed_teacher_cache_key_covers_every_weight_and_the_data():
+    """Regression: the key hashed only the first 4096 bytes of each teacher array, so a teacher changed further in
+    reused a stale cache of its predictions."""
+    from patient.data import subset
+    from patient.engine.teachers import _cache_key
+
+    t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), depths=(1, 1, 1))
+    src = digits("train")
+    key = _cache_key([t], src, "fix/rs", RES)
+    leaves, tree = jax.tree_util.tree_flatten(t[0])
+    big = max(range(len(leaves)), key=lambda i: leaves[i].size)
+    assert leaves[big].nbytes > 4096
+    changed = np.asarray(leaves[big]).copy()
+    changed.reshape(-1)[-1] += 1e-3  # the last value of the largest array
+    leaves[big] = jnp.asarray(changed)
+    assert _cache_key([(jax.tree_util.tree_unflatten(tree, leaves), t[1])], src, "fix/rs", RES) != key
+    assert _cache_key([t], subset(src, size=100), "fix/rs", RES) != key  # other data
+    assert _cache_key([t], src, "fix/rs", RES + 1) != key  # other settings
+    assert _cache_key([t], src, "fix/rs", RES) == key  # and stable

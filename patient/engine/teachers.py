@@ -78,14 +78,24 @@ def teacher_logits(teachers, images, resolutions=(), *, with_features=False):
     return (outs, first_features) if with_features else outs
 
 
-def _cache_key(teachers, *settings) -> str:
+def _cache_key(teachers, source, *settings) -> str:
+    """What the cached predictions depend on: every byte of every teacher array (and its architecture), the data
+    (name, size, labels, class names) and the settings (mode, views, resolution, temperature, ...)."""
     h = hashlib.sha256()
     h.update(json.dumps(settings).encode())
     for model, state in teachers:
+        spec = getattr(model, "spec", None)
+        h.update(repr(spec).encode())
         for leaf in jax.tree_util.tree_leaves(eqx.filter((model, state), eqx.is_array)):
-            h.update(np.asarray(leaf).tobytes()[:4096])
-            h.update(str(leaf.shape).encode())
-    return h.hexdigest()[:16]
+            a = np.asarray(leaf)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).data)
+    h.update(f"{getattr(source, 'name', type(source).__name__)}|{len(source)}".encode())
+    h.update(json.dumps(list(getattr(source, "class_names", []) or [])).encode())
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        h.update(np.ascontiguousarray(np.asarray(labels, np.int64)).data)
+    return h.hexdigest()[:24]
 
 
 def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temperature, batch_size, channels,
@@ -98,7 +108,8 @@ def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temp
     from patient.data import fixed_teacher_views
 
     n = len(source)
-    key = _cache_key(teachers, mode, resolution, crops, seed, temperature, n, channels, list(crop_area), list(resolutions))
+    key = _cache_key(teachers, source, mode, resolution, crops, seed, temperature, n, channels, list(crop_area),
+                     list(resolutions))
     path = Path(workdir) / f"teacher_cache-{key}.npy" if workdir is not None else None
     if path is not None and path.is_file():
         return np.load(path, allow_pickle=False)
