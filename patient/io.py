@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 
 import equinox as eqx
@@ -28,7 +29,7 @@ class PatientFileError(ValueError):
     """A file that is not a readable patient `.eqx` file (truncated, tampered, wrong magic or version, ...)."""
 
 
-def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
+def save(path, model, state=None, *, class_names=None, meta=None, allow_nonfinite: bool = False) -> Path:
     """Write `(model, state)` to one `.eqx` file, atomically.
 
     **Arguments:**
@@ -36,6 +37,8 @@ def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
     - `model`, `state`: a registry model and its state (`{}` or `None` for GroupNorm models).
     - `class_names`: optional list of `num_classes` names, kept in the header.
     - `meta`: optional JSON-serialisable dict (training config, metrics, ...).
+    - `allow_nonfinite`: write weights or statistics that hold NaN or infinity (refused by default: such a model
+      evaluates to a plausible-looking number of nothing).
 
     **Returns:** the path written.
     """
@@ -51,6 +54,12 @@ def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
         class_names = [str(c) for c in class_names]
         if len(class_names) != spec.num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but the model has {spec.num_classes} classes")
+    if not allow_nonfinite:
+        for where, leaf in jax.tree_util.tree_flatten_with_path(eqx.filter((model, state), eqx.is_inexact_array))[0]:
+            if not bool(jax.numpy.isfinite(leaf).all()):
+                name = jax.tree_util.keystr(where, simple=True, separator=".")
+                raise ValueError(f"{path}: {name} holds NaN or infinite values; the model diverged (pass "
+                                 "allow_nonfinite=True to write it anyway)")
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, (model, state))
     payload = buf.getvalue()
@@ -74,7 +83,8 @@ def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta for {path} is not JSON-serialisable: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(line + b"\n" + payload)
@@ -85,6 +95,21 @@ def save(path, model, state=None, *, class_names=None, meta=None) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files that an earlier save of `path` left when its process was killed (their names carry
+    the writer's pid; a file of a process that still runs is left alone)."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _header_hash(header: dict) -> str:

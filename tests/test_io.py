@@ -1,6 +1,7 @@
 """The .eqx file: bit-exact round trips for every registry model and one clear error for every kind of damage."""
 
 import json
+import os
 
 import equinox as eqx
 import jax
@@ -193,3 +194,28 @@ def test_header_is_read_with_a_cap(tmp_path):
     with pytest.raises(PatientFileError, match="no header line"):
         patient.load(big)
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    model, state = create("cifar_resnet20", num_classes=3, key=jax.random.key(1), depths=(1, 1, 1))
+    bad = eqx.tree_at(lambda m: m.fc.bias, model, model.fc.bias.at[1].set(np.nan))
+    with pytest.raises(ValueError, match=r"fc\.bias holds NaN or infinite values.*allow_nonfinite=True"):
+        patient.save(tmp_path / "bad.eqx", bad, state)
+    assert not list(tmp_path.iterdir())
+    patient.save(tmp_path / "bad.eqx", bad, state, allow_nonfinite=True)
+    assert np.isnan(np.asarray(patient.load(tmp_path / "bad.eqx")[0].fc.bias[1]))
+
+
+def test_save_removes_temp_files_of_killed_saves(tmp_path):
+    """A SIGKILL during save leaves `.name.<pid>.*.tmp`; the next save of that path removes it if that pid is gone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".m.eqx.{int(dead.stdout)}.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    live = tmp_path / f".m.eqx.{os.getpid()}.def456.tmp"  # a save still running in this process
+    live.write_bytes(b"being written")
+    model, state = create("cifar_resnet20", num_classes=3, key=jax.random.key(1), depths=(1, 1, 1))
+    patient.save(tmp_path / "m.eqx", model, state)
+    assert not stale.exists() and live.exists()
