@@ -418,3 +418,29 @@ def test_fixed_teacher_cache_key_covers_every_weight_and_the_data():
     assert _cache_key([t], subset(src, size=100), "fix/rs", RES) != key  # other data
     assert _cache_key([t], src, "fix/rs", RES + 1) != key  # other settings
     assert _cache_key([t], src, "fix/rs", RES) == key  # and stable
+
+
+def test_labels_that_are_not_the_models_classes_are_errors(teacher, tmp_path):
+    """Regression: labels outside the model's range, a one-class training set and an .eqx evaluated on data whose
+    class names are not its own used to give plausible numbers (loss -0.0, exit 0; a top-1 of the wrong classes)."""
+    import patient
+    from patient.data import arrays
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (64, 8, 8)).astype(np.float32)
+    model = create("cifar_resnet20", num_classes=3, key=jax.random.key(0), resolution=RES, depths=(1, 1, 1))
+    with pytest.raises(ValueError, match=r"labels 0\.\.4 but the model predicts 3 classes"):
+        train(model, arrays(images, np.arange(64) % 5), steps=2, progress=False)
+    with pytest.raises(ValueError, match="1 class\(es\) of labelled examples; training needs two"):
+        train(model, arrays(images, np.zeros(64, np.int64)), steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"eval_data has labels 0\.\.9 but the model predicts 3"):
+        train(model, arrays(images, np.arange(64) % 3), eval_data=digits("test"), steps=2, progress=False)
+    # distillation alone never reads labels: out-of-domain data with other classes is fine
+    distill(teacher, create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=RES,
+                            depths=(1, 1, 1)), arrays(images, np.arange(64) % 40), steps=1, progress=False)
+    path = patient.save(tmp_path / "t.eqx", *teacher, class_names=[f"c{i}" for i in range(10)])
+    with pytest.raises(ValueError, match="are not the data's .*relabel=True"):
+        patient.evaluate(path, digits("test"))
+    assert patient.evaluate(path, digits("test"), relabel=True)["top1"] > 80
+    with pytest.raises(ValueError, match="no labelled examples"):
+        patient.evaluate(teacher, arrays(images))

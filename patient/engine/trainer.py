@@ -54,6 +54,22 @@ def _as_source(data):
     return data
 
 
+def _check_labels(source, num_classes: int, what: str, *, supervised: bool = False) -> None:
+    """Labels must index the model's classes (-1 = unlabelled); supervised training needs two classes at least."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        return
+    labels = np.asarray(labels)
+    labelled = labels[labels >= 0]
+    if labelled.size and (labelled.max() >= num_classes or labels.min() < -1):
+        raise ValueError(f"{what} has labels {int(labels.min())}..{int(labelled.max())} but the model predicts "
+                         f"{num_classes} classes (0..{num_classes - 1}); build it with num_classes="
+                         f"{int(labelled.max()) + 1} or fix the data")
+    if supervised and len(np.unique(labelled)) < 2:
+        raise ValueError(f"{what} holds {len(np.unique(labelled))} class(es) of labelled examples; training needs "
+                         "two at least (check the folder: one sub-folder per class)")
+
+
 def _num_classes(source):
     k = getattr(source, "num_classes", 0) or 0
     return int(k) if k > 0 else None
@@ -120,6 +136,10 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     k = _num_classes(source) or (_num_classes(eval_source) if eval_source is not None else None)
     s_model, s_state = resolve_model(student, role="student", num_classes=k, key=jax.random.fold_in(key, 1))
     s_spec = spec_of(s_model)
+    if supervised or cfg.method == "kd" or cfg.label_weight > 0:  # distillation alone never reads the labels:
+        _check_labels(source, s_spec.num_classes, "data", supervised=supervised)  # out-of-domain data is fine
+    if eval_source is not None:
+        _check_labels(eval_source, s_spec.num_classes, "eval_data")
     teachers = []
     if not supervised:
         for i, t in enumerate(teacher if isinstance(teacher, list) else [teacher]):
@@ -429,15 +449,29 @@ class _Checkpoints:
 
 
 def evaluate(student, data, *, teacher=None, resolution: int = 0, teacher_resolution: int = 0,
-             batch_size: int = 256, channels: int = 3) -> dict:
+             batch_size: int = 256, channels: int = 3, relabel: bool = False) -> dict:
     """Top-1/top-5 of `student` on labelled `data` (and, with a `teacher`, teacher top-1, agreement and KL at T=1).
 
     `student` and `teacher` are `(model, state)` pairs or `.eqx` paths; resolutions default to the student's spec.
+    Labels must be the model's classes: an `.eqx` file whose class names differ from the data's is an error unless
+    `relabel=True` says the data's label i is the model's class i.
     **Returns:** a dict of percentages (`top1`, `top5`, `teacher_top1`, `agreement`) and `kl`, `examples`.
     """
     source = _as_source(data)
     model, state = resolve_model(student, role="student", num_classes=None, key=None)
     teachers = [] if teacher is None else [resolve_model(teacher, role="teacher", num_classes=None, key=None)]
+    _check_labels(source, spec_of(model).num_classes, "data")
+    labels = getattr(source, "labels", None)
+    if labels is not None and not (np.asarray(labels) >= 0).any():
+        raise ValueError("data has no labelled examples (every label is -1); top-1 needs labels")
+    if isinstance(student, (str, Path)) and not relabel:
+        from patient.io import read_header
+
+        names = read_header(student)[0].get("class_names")
+        data_names = list(getattr(source, "class_names", []) or [])
+        if names and data_names and list(names) != data_names:
+            raise ValueError(f"the model's classes {names[:4]}... are not the data's {data_names[:4]}... (in that "
+                             "order); pass relabel=True if the data's label i really is the model's class i")
     params, static = eqx.partition(model, eqx.is_array)
     cfg = Config(eval_batch_size=batch_size, channels=channels)
     mesh = make_mesh()
