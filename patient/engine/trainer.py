@@ -297,36 +297,36 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
 
 
 def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res, t_res) -> dict:
-    """Student top-1/top-5, teacher top-1, agreement and KL(teacher || student) at T=1 over every example once."""
+    """Student top-1/top-5, teacher top-1, agreement and KL(teacher || student) at T=1 over every example once.
+
+    Every process walks the same (deterministic) evaluation batches and puts only its share of each on the mesh;
+    counts and sums are reduced on device and come back replicated, so every process returns the same figures, equal
+    to a single-process evaluation. Padding examples (mask False) are never counted."""
     from patient.data import eval_pipeline
 
+    n_proc, pid = jax.process_count(), jax.process_index()
     bs = -(-cfg.eval_batch_size // mesh.size) * mesh.size
     s_it = iter(eval_pipeline(source, resolution=s_res, batch_size=bs, channels=cfg.channels))
     t_it = iter(eval_pipeline(source, resolution=t_res, batch_size=bs, channels=cfg.channels)) if (
         teachers and t_res != s_res) else None
-    sums = dict(n=0, top1=0, top5=0, teacher_top1=0, agreement=0, kl=0.0, labelled=0)
+    sums_fn = _batch_sums(mesh, bool(teachers))
+
+    def share(x):
+        per = x.shape[0] // n_proc
+        return np.asarray(x)[pid * per:(pid + 1) * per]
+
+    total = None
     for sb in s_it:
         tb = next(t_it) if t_it is not None else sb
-        mask = np.asarray(sb["mask"])
-        labels = np.asarray(sb["label"])
-        logits = np.asarray(student_eval(ts.params[0], ts.model_state, _put(mesh, sb["image"])))
-        lab = mask & (labels >= 0)
-        top5 = np.argsort(-logits, axis=-1)[:, :5]
-        sums["n"] += int(mask.sum())
-        sums["labelled"] += int(lab.sum())
-        sums["top1"] += int(((top5[:, 0] == labels) & lab).sum())
-        sums["top5"] += int(((top5 == labels[:, None]).any(-1) & lab).sum())
-        if teachers:
-            p = np.asarray(teacher_eval(teachers, _put(mesh, tb["image"])))
-            sums["teacher_top1"] += int(((p.argmax(-1) == labels) & lab).sum())
-            sums["agreement"] += int(((p.argmax(-1) == top5[:, 0]) & mask).sum())
-            logq = logits - logits.max(-1, keepdims=True)
-            logq = logq - np.log(np.exp(logq).sum(-1, keepdims=True))
-            kl = np.sum(np.where(p == 0, 0.0, p * (np.log(np.clip(p, 1e-30, 1)) - logq)), -1)
-            sums["kl"] += float((kl * mask).sum())
+        logits = student_eval(ts.params[0], ts.model_state, _put(mesh, share(sb["image"])))
+        probs = teacher_eval(teachers, _put(mesh, share(tb["image"]))) if teachers else None
+        labels, mask = _put(mesh, (share(sb["label"]).astype(np.int32), share(sb["mask"])))
+        batch = sums_fn(logits, probs, labels, mask)
+        total = batch if total is None else jax.tree_util.tree_map(jnp.add, total, batch)
     for x in (s_it, t_it):
         if x is not None and hasattr(x, "close"):
             x.close()
+    sums = {k: v.item() for k, v in jax.device_get(total).items()} if total is not None else {"n": 0, "labelled": 0}
     out = {}
     if sums["labelled"]:
         out["top1"] = 100.0 * sums["top1"] / sums["labelled"]
@@ -334,10 +334,39 @@ def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res
     if teachers:
         if sums["labelled"]:
             out["teacher_top1"] = 100.0 * sums["teacher_top1"] / sums["labelled"]
-        out["agreement"] = 100.0 * sums["agreement"] / sums["n"]
-        out["kl"] = sums["kl"] / sums["n"]
-    out["examples"] = sums["n"]
+        if sums["n"]:
+            out["agreement"] = 100.0 * sums["agreement"] / sums["n"]
+            out["kl"] = sums["kl"] / sums["n"]
+    out["examples"] = int(sums["n"])
     return out
+
+
+_SUMS_CACHE: dict = {}
+
+
+def _batch_sums(mesh, with_teacher: bool):
+    """Jitted per-batch counts (and the KL sum) over a batch split across `mesh`, returned replicated."""
+    key = (id(mesh), tuple(d.id for d in mesh.devices.flat), with_teacher)
+    if key in _SUMS_CACHE:
+        return _SUMS_CACHE[key]
+
+    def sums(logits, probs, labels, mask):
+        lab = mask & (labels >= 0)
+        top1 = jnp.argmax(logits, -1)
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        out = {"n": mask.sum(), "labelled": lab.sum(), "top1": ((top1 == labels) & lab).sum(),
+               "top5": ((top5 == labels[:, None]).any(-1) & lab).sum()}
+        if with_teacher:
+            t1 = jnp.argmax(probs, -1)
+            logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+            kl = jnp.sum(jnp.where(probs == 0, 0.0, probs * (jnp.log(jnp.clip(probs, 1e-30, 1.0)) - logq)), -1)
+            out.update(teacher_top1=((t1 == labels) & lab).sum(), agreement=((t1 == top1) & mask).sum(),
+                       kl=jnp.where(mask, kl, 0.0).sum())
+        return out
+
+    fn = jax.jit(sums, out_shardings=NamedSharding(mesh, P()))
+    _SUMS_CACHE[key] = fn
+    return fn
 
 
 def _summary(m: dict, steps: int, seconds: float, supervised: bool) -> str:
