@@ -224,11 +224,17 @@ def test_class_count_mismatch_and_missing_teacher(teacher, tmp_path):
         distill(tmp_path / "nope.eqx", student, digits("test"), steps=1, progress=False)
 
 
-def test_non_finite_loss_names_the_step(teacher, tmp_path):
+def test_non_finite_loss_names_the_step_and_the_cause(teacher, tmp_path):
+    """The loss is read at log steps only; the error names the step range and what went non-finite (regression: a
+    NaN teacher's message used to blame the learning rate)."""
     bad = jax.tree_util.tree_map(lambda x: x * np.nan if eqx.is_inexact_array(x) else x, teacher[0])
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(5), resolution=RES, depths=(1, 1, 1))
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1; last good checkpoint: none"):
+    with pytest.raises(NonFiniteLossError, match="loss is nan at steps 1-3; last good checkpoint: none; the "
+                                                 "teacher's predictions are NaN"):
         distill((bad, teacher[1]), student, digits("test"), steps=3, progress=False, workdir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match="loss is (nan|inf) at steps 1-2; .*lower learning_rate"):
+        train(student, digits("test"), steps=4, log_every=2, batch_size=32, learning_rate=1e38, warmup_fraction=0.0,
+              optimizer="sgd", grad_clip=0.0, progress=False)
 
 
 def test_cli_exits_non_zero_with_one_line(tmp_path):

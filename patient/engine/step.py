@@ -136,11 +136,15 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
         elif not supervised:
             t_logits, t_feats = teacher_logits(teachers, batch["teacher"], resolutions, with_features=True)
             t_probs = teacher_probs(t_logits, T)
+        # Where a non-finite loss comes from (images are rendered from uint8, so they are always finite): a broken
+        # teacher is reported as such, not as a learning rate to lower.
+        finite = {} if t_probs is None else {"finite_teacher": jnp.all(jnp.isfinite(t_probs))}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs, t_feats)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
+        metrics.update(finite)
         new = TrainState(ts.step + 1, params, new_state, opt_state, jax.random.key_data(key))
         return new, metrics
 

@@ -54,6 +54,19 @@ def _as_source(data):
     return data
 
 
+def _non_finite(loss: float, first: int, last: int, ok: dict, ckpt) -> NonFiniteLossError:
+    """The error for a non-finite loss found at step `last` (the last check was at `first` - 1), naming its cause."""
+    where = f"step {last}" if first == last else f"steps {first}-{last}"
+    good = ckpt.latest() if ckpt is not None else None
+    restart = f"last good checkpoint: {'step ' + str(good) + ' in ' + str(ckpt.dir) if good is not None else 'none'}"
+    if not ok.get("finite_teacher", True):
+        cause = ("the teacher's predictions are NaN or infinite (its weights, its input or teacher_dtype), not the "
+                 "student's training; check the teacher")
+    else:
+        cause = "lower learning_rate or raise warmup_fraction, then restart"
+    return NonFiniteLossError(f"loss is {loss} at {where}; {restart}; {cause}")
+
+
 def _check_labels(source, num_classes: int, what: str, *, supervised: bool = False) -> None:
     """Labels must index the model's classes (-1 = unlabelled); supervised training needs two classes at least."""
     labels = getattr(source, "labels", None)
@@ -209,6 +222,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     bar = _progress(total, start, cfg.progress, "distill" if not supervised else "train")
     t0, metrics = time.perf_counter(), {}
     window_t, window_n = t0, 0  # throughput over the last log window (excludes compilation after the first)
+    ok, checked, loss = None, start, float("nan")
     try:
         for step in range(start, total):
             raw = next(it)
@@ -218,15 +232,18 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
             elif not supervised:
                 batch["teacher"] = raw["teacher"]
             ts, m = step_fn(ts, _put(mesh, batch), teachers)
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                last = ckpt.latest() if ckpt is not None else None
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step + 1}; last good checkpoint: "
-                    f"{'step ' + str(last) + ' in ' + str(ckpt.dir) if last is not None else 'none'}; "
-                    "lower learning_rate or raise warmup_fraction, then restart")
-            window_n += cfg.batch_size
+            # The host reads the loss only at log and checkpoint steps, so it never waits for the device in between
+            # (it prepares the next batch while the step runs); the finiteness flags are folded on device meanwhile.
+            flags = {k_: m.pop(k_) for k_ in ("finite_teacher",) if k_ in m}
+            ok = flags if ok is None else {k_: ok[k_] & v for k_, v in flags.items()}
             done = step + 1
+            checkpointing = ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            if done % cfg.log_every == 0 or done == total or checkpointing:
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise _non_finite(loss, checked + 1, done, {k_: bool(v) for k_, v in ok.items()}, ckpt)
+                checked, ok = done, None
+            window_n += cfg.batch_size
             if done % cfg.log_every == 0 or done == total:
                 now = time.perf_counter()
                 rate = window_n / (now - window_t)
@@ -241,7 +258,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                 ev = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
                 history.append({"step": done, **{f"eval_{k_}": v for k_, v in ev.items()}})
                 _append_history(workdir, history[-1], tb)
-            if ckpt is not None and (done % cfg.checkpoint_every == 0 if cfg.checkpoint_every else False):
+            if checkpointing:
                 ckpt.save(done, ts, it.get_state())
             window_t += time.perf_counter() - paused
         if ckpt is not None and ckpt.latest() != total:
