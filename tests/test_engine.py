@@ -450,3 +450,17 @@ def test_labels_that_are_not_the_models_classes_are_errors(teacher, tmp_path):
     assert patient.evaluate(path, digits("test"), relabel=True)["top1"] > 80
     with pytest.raises(ValueError, match="no labelled examples"):
         patient.evaluate(teacher, arrays(images))
+
+
+def test_only_process_zero_writes_workdir_files(teacher, tmp_path, monkeypatch):
+    """On several hosts every process runs the same call; config.toml, history.jsonl, TensorBoard events and the
+    fixed-teacher cache are written by process 0 alone (here: this process pretends to be process 1)."""
+    import patient.engine.teachers as teachers_mod
+    import patient.engine.trainer as trainer_mod
+
+    for mod in (teachers_mod, trainer_mod):
+        monkeypatch.setattr(mod, "is_writer", lambda: False)
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(6), resolution=RES, depths=(1, 1, 1))
+    distill(teacher, student, digits("test"), steps=2, batch_size=32, mode="fix/rs", log_every=1, checkpoint_every=0,
+            workdir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # Orbax saves collectively

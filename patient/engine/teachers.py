@@ -51,6 +51,11 @@ def resolve_model(obj, *, role: str, num_classes: int | None, key):
                     f"{type(obj).__name__}")
 
 
+def is_writer() -> bool:
+    """Process 0 alone writes run files (config, history, events, caches); every process computes and reads."""
+    return jax.process_index() == 0
+
+
 def cast_floating(tree, dtype):
     """Copy of `tree` with floating arrays cast to `dtype` (the teacher in bfloat16 halves its memory traffic)."""
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
@@ -140,7 +145,7 @@ def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temp
         bar.close()
         if hasattr(it, "close"):
             it.close()
-    if path is not None:
+    if path is not None and is_writer():  # every process computed the same values; one writes them
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out)
         tmp.replace(path)

@@ -20,7 +20,7 @@ from patient.models.registry import spec_of, with_resolution
 
 from .config import Config, ConfigError
 from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
-from .teachers import cast_floating, fixed_teacher_cache, resolve_model
+from .teachers import cast_floating, fixed_teacher_cache, is_writer, resolve_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -181,7 +181,8 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         _check_same_run(workdir, cfg)
-        (workdir / "config.toml").write_text(cfg.to_toml())
+        if is_writer():  # one writer; every process checks the run it resumes
+            (workdir / "config.toml").write_text(cfg.to_toml())
     use_cache = info.fixed and not supervised
     cache = None
     if use_cache:
@@ -207,7 +208,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     it = iter(ds)
     ckpt = _Checkpoints(workdir, cfg) if workdir is not None else None
     tb = None
-    if workdir is not None and jax.process_index() == 0:
+    if workdir is not None and is_writer():
         from .tensorboard import EventWriter
 
         tb = EventWriter(workdir / "tensorboard")
@@ -398,7 +399,7 @@ def _summary(m: dict, steps: int, seconds: float, supervised: bool) -> str:
 
 
 def _append_history(workdir, row, tb=None):
-    if workdir is not None and jax.process_index() == 0:
+    if workdir is not None and is_writer():
         with open(workdir / "history.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
     if tb is not None:
@@ -411,7 +412,8 @@ def _read_history(workdir, upto: int) -> list:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["step"] <= upto]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop lines of steps that will be replayed
+    if is_writer():  # one writer: every process reads, process 0 alone rewrites
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop lines of steps that will be replayed
     return rows
 
 
