@@ -112,6 +112,25 @@ def _foreign_runnable(root: int) -> int:
     return sum(n for pid, n in states.items() if pid not in mine)
 
 
+def study_args(doc: str, full: dict, quick: dict, argv, *, quick_help: str, extra=None):
+    """Parse a study's command line: --quick, one flag per setting (default: `full`, or `quick` with --quick),
+    --progress, and whatever `extra(parser)` adds. Returns (parser, args) with every setting filled in."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    for k, v in full.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"(full: {v}, quick: {quick[k]})")
+    p.add_argument("--progress", action="store_true", help="a progress bar for every run")
+    if extra is not None:
+        extra(p)
+    a = p.parse_args(argv)
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return p, a
+
+
 def time_call(fn, *, warmup: int, runs: int) -> list[float]:
     """Seconds per call of `fn` (which must block until its work is done), warm-up excluded."""
     for _ in range(warmup):

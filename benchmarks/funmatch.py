@@ -39,7 +39,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shlex  # noqa: E402
@@ -48,7 +47,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import machine, table  # noqa: E402
+from common import machine, study_args, table  # noqa: E402
 
 MODES = ["scratch", "fix/rs", "fix/ic_ens", "ind/ic", "same/ic", "fm"]
 
@@ -172,16 +171,9 @@ def figure(path, results, curves, teacher_top1):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="every row at toy budgets (the test suite runs this)")
-    for k, v in FULL.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"(full: {v}, quick: {QUICK[k]})")
-    p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
-    p.add_argument("--progress", action="store_true", help="progress bars for every run")
-    a = p.parse_args(argv)
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    p, a = study_args(__doc__, FULL, QUICK, argv, quick_help="every row at toy budgets (the test suite runs this)",
+                      extra=lambda p: p.add_argument("--rows", default="",
+                                                     help="comma-separated row names to run (default: all)"))
     if a.per_class < 1 or a.short < 1 or a.long_factor < 1 or a.res < 4:
         p.error("--per-class, --short and --long-factor must be >= 1 and --res >= 4")
     rows = plan(a)

@@ -37,7 +37,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import machine, table  # noqa: E402
+from common import machine, study_args, table  # noqa: E402
 
 MODES = ["scratch", "fix/rs", "same/ic", "fm"]
 
@@ -206,15 +206,7 @@ def write(a, out, rows, tuning, teacher_top1, meta):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="toy sizes (the test suite runs this)")
-    for k, v in FULL.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"(full: {v}, quick: {QUICK[k]})")
-    p.add_argument("--progress", action="store_true", help="a progress bar for every run")
-    a = p.parse_args(argv)
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    p, a = study_args(__doc__, FULL, QUICK, argv, quick_help="toy sizes (the test suite runs this)")
     try:
         budgets = sorted({int(b) for b in a.budgets.split(",")})
         lrs = [float(x) for x in a.lrs.split(",")]
