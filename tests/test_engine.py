@@ -162,15 +162,19 @@ def test_bfloat16_teacher_and_resolution_ensemble(teacher):
     assert math.isfinite(r.history[-2]["loss"]) and r.metrics["teacher_top1"] > 80
 
 
-@pytest.mark.parametrize("method,pairs", [("kd", ()), ("fitnets", ("stage2", "stage3")), ("at", ("stage2",)),
+@pytest.mark.parametrize("method,pairs", [("kd", ()), ("dkd", ()), ("fitnets", ("stage2", "stage3")), ("at", ("stage2",)),
                                           ("nst", ("stage3",)), ("fsp", ("stage1:stage2",)), ("srd", ("pre_logits",))])
 def test_feature_methods_plug_into_the_step(method, pairs, teacher):
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(6), resolution=RES, depths=(1, 1, 1))
+    extra = dict(dkd_warmup_fraction=1.0) if method == "dkd" else {}
     r = distill(teacher, student, digits("test"), steps=4, batch_size=32, method=method, method_pairs=pairs,
-                log_every=1, progress=False)
+                log_every=1, progress=False, **extra)
     assert all(math.isfinite(h["loss"]) for h in r.history)
     if method != "kd":
         assert all(method in h for h in r.history)
+    if method == "dkd":  # the loss weight warms up linearly over the whole (4-step) run here: 1/4, 2/4, 3/4, 1
+        for i, h in enumerate(r.history):
+            np.testing.assert_allclose(h["loss"], h["kl"] + (i + 1) / 4 * h["dkd"], rtol=1e-5)
     # the result is the bare student: auxiliary regressors/projectors are never part of it
     assert jax.tree_util.tree_structure(eqx.filter(r.student, eqx.is_array)) == jax.tree_util.tree_structure(
         eqx.filter(student[0], eqx.is_array))

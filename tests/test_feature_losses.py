@@ -331,3 +331,54 @@ def test_check_feature_shapes_misc():
         check_feature_shapes(s, t, [], "at")
     with pytest.raises(ValueError, match=r"batch sizes differ, student 'stage1' \(2, 4, 4, 4\) vs teacher"):
         check_feature_shapes(s, t, ["stage1"], "fitnets")
+
+
+# ----------------------------------------------------------------------------------------------- Decoupled KD
+
+def _dkd_numpy(s, p_t, g, alpha, beta, T):
+    """float64 reference written from the paper's definitions, one example at a time."""
+    out = []
+    for z, pt, t in zip(s.astype(np.float64) / T, p_t.astype(np.float64), g):
+        ps = np.exp(z - z.max())
+        ps /= ps.sum()
+        b_t, b_s = np.array([pt[t], 1 - pt[t]]), np.array([ps[t], 1 - ps[t]])
+        tckd = np.sum(b_t * np.log(b_t / b_s))
+        rest = np.arange(len(z)) != t
+        h_t, h_s = pt[rest] / pt[rest].sum(), ps[rest] / ps[rest].sum()
+        nckd = np.sum(h_t * np.log(h_t / h_s))
+        out.append((alpha * tckd + beta * nckd) * T ** 2)
+    return np.mean(out), out
+
+
+def test_dkd_matches_float64_reference_and_decomposes_kd():
+    from patient.engine.feature_losses import dkd_loss
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 2, (6, 7)).astype(np.float32)
+    t_logits = rng.normal(0, 2, (6, 7))
+    g = np.array([0, 3, 6, 2, 2, 5])
+    for T, alpha, beta in [(1.0, 1.0, 8.0), (4.0, 0.5, 2.0)]:
+        p_t = np.exp(t_logits / T) / np.exp(t_logits / T).sum(-1, keepdims=True)
+        got = float(dkd_loss(jnp.asarray(s), jnp.asarray(p_t, jnp.float32), jnp.asarray(g), alpha=alpha, beta=beta,
+                             temperature=T))
+        want, _ = _dkd_numpy(s, p_t, g, alpha, beta, T)
+        np.testing.assert_allclose(got, want, rtol=2e-5)
+        # KD = TCKD + (1 - p_t,g) NCKD, per example (float64, from the reference's two parts)
+        _, tck = _dkd_numpy(s, p_t, g, 1.0, 0.0, T)
+        _, nck = _dkd_numpy(s, p_t, g, 0.0, 1.0, T)
+        s64 = s.astype(np.float64)
+        ps = np.exp(s64 / T) / np.exp(s64 / T).sum(-1, keepdims=True)
+        kd = np.sum(p_t * np.log(p_t / ps), -1) * T ** 2
+        np.testing.assert_allclose(kd, np.array(tck) + (1 - p_t[np.arange(6), g]) * np.array(nck), rtol=1e-12)
+
+
+def test_dkd_gradients_are_finite_and_reach_only_the_student():
+    from patient.engine.feature_losses import dkd_loss
+
+    s = jnp.asarray([[30.0, -30.0, 0.0], [0.0, 0.0, 0.0]])  # a saturated student: p_s,g ~ 1
+    p_t = jnp.asarray([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])  # a one-hot teacher: 0 log 0 terms
+    g = jnp.asarray([0, 2])
+    gs, gt = jax.grad(lambda s, p: dkd_loss(s, p, g, alpha=1.0, beta=8.0, temperature=4.0), argnums=(0, 1))(s, p_t)
+    assert np.isfinite(np.asarray(gs)).all() and float(jnp.abs(gs).max()) > 0
+    assert float(jnp.abs(gt).max()) == 0.0
+    assert np.isfinite(float(dkd_loss(s, p_t, g, alpha=1.0, beta=8.0, temperature=4.0)))

@@ -42,12 +42,15 @@ class Config:
     mixup_alpha: float = 1.0
     label_weight: float = 0.0  # weight of cross-entropy on labels added to the KL
     label_smoothing: float = 0.0  # supervised training (patient.train)
-    # what is matched: "kl" (logits; function matching), "kd" (alpha * CE + (1 - alpha) * T^2 KL), or a feature
-    # method added to the KL: "fitnets", "at", "nst", "fsp", "srd" (see patient.engine.feature_losses)
+    # what is matched: "kl" (logits; function matching), "kd" (alpha * CE + (1 - alpha) * T^2 KL), or a method added
+    # to the KL: "dkd" (logits), "fitnets", "at", "nst", "fsp", "srd" (features; see patient.engine.feature_losses)
     method: str = "kl"
     method_weight: float = 1.0
     method_pairs: tuple = ()  # feature names; "student_name:teacher_name" when they differ; fsp: "first:second"
     kd_alpha: float = 0.5
+    dkd_alpha: float = 1.0  # DKD: weight of the target-class part (TCKD)
+    dkd_beta: float = 8.0  # DKD: weight of the non-target part (NCKD)
+    dkd_warmup_fraction: float = 20 / 240  # DKD's loss weight rises linearly over this fraction of the steps
     # how long
     batch_size: int = 64
     steps: int = 0  # 0: derived from epochs
@@ -129,8 +132,10 @@ def _check(c: Config) -> None:
     bad = [k for k in FIELDS if isinstance(getattr(c, k), float) and not math.isfinite(getattr(c, k))]
     need(not bad, f"{', '.join(f'{k}={getattr(c, k)}' for k in bad)}: config values must be finite numbers")
     need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
-    need(c.method in ("kl", "kd", "fitnets", "at", "nst", "fsp", "srd"),
-         f"method={c.method!r}; use kl, kd, fitnets, at, nst, fsp or srd")
+    need(c.method in ("kl", "kd", "dkd", "fitnets", "at", "nst", "fsp", "srd"),
+         f"method={c.method!r}; use kl, kd, dkd, fitnets, at, nst, fsp or srd")
+    need(c.dkd_alpha >= 0 and c.dkd_beta >= 0 and 0 <= c.dkd_warmup_fraction <= 1,
+         "dkd_alpha and dkd_beta must be >= 0 and dkd_warmup_fraction in [0, 1]")
     need(all(isinstance(p, str) for p in c.method_pairs), f"method_pairs={c.method_pairs!r} must be strings")
     need(0 <= c.kd_alpha <= 1 and c.method_weight >= 0, "kd_alpha must be in [0, 1] and method_weight >= 0")
     need(c.temperature > 0, f"temperature={c.temperature} must be > 0")

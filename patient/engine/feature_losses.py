@@ -1,4 +1,5 @@
-"""Feature-based distillation losses: Hinton KD, FitNets, Attention Transfer, NST, FSP and the SRD projector loss.
+"""Distillation losses beside plain KL: Hinton KD, Decoupled KD, FitNets, Attention Transfer, NST, FSP and the SRD
+projector loss.
 
 Every loss is a pure function of batched features f32[B, ...] (channels first, as `patient.models.apply` returns
 them) and returns a scalar. Teacher inputs pass through `jax.lax.stop_gradient` inside each loss, so gradients reach
@@ -28,7 +29,8 @@ from patient.models.layers import host_rng
 from .losses import cross_entropy, kl_divergence
 
 Array = jax.Array
-METHODS = ("kd", "fitnets", "at", "nst", "fsp", "srd")
+METHODS = ("kd", "dkd", "fitnets", "at", "nst", "fsp", "srd")
+LOGIT_METHODS = ("kd", "dkd")  # need logits only: no stage pairs, no auxiliary modules
 _EPS = 1e-12  # floor on a norm: an all-zero (dead ReLU) channel or map normalises to zeros with finite gradients
 
 
@@ -82,6 +84,38 @@ def hinton_kd(student_logits: Array, teacher_logits: Array, labels: Array, *, al
     kl = kl_divergence(p_t, student_logits, temperature)  # already scaled by T^2
     ce = cross_entropy(student_logits, labels)
     return jnp.mean(alpha * ce + (1.0 - alpha) * kl)
+
+
+def dkd_loss(student_logits: Array, teacher_probs: Array, target: Array, *, alpha: float, beta: float,
+             temperature: float) -> Array:
+    """Decoupled KD (Zhao et al., CVPR 2022): `T^2 * (alpha * TCKD + beta * NCKD)`, averaged over the batch.
+
+    With `p` the class probabilities at temperature T and `g` the target class: TCKD is the KL divergence between the
+    teacher's and the student's binary distributions `[p_g, 1 - p_g]`; NCKD the KL divergence between their
+    distributions over the non-target classes (`p_i / (1 - p_g)`, i != g). Classical KD decomposes as
+    `KL(p_t || p_s) = TCKD + (1 - p_t,g) * NCKD`; DKD weighs the two parts freely (the paper: alpha 1, beta 8 on
+    CIFAR-100, with T = 4 and the loss weight warmed up linearly over its first 20 of 240 epochs).
+
+    **Arguments:** `student_logits`: f32[B, K]; `teacher_probs`: f32[B, K] at the same temperature (an ensemble's
+    mean is fine); `target`: int[B], the class g per example (the label, or the teacher's top class when unlabelled).
+    **Returns:** f32[] scalar.
+    """
+    p_t = _teacher(teacher_probs)
+    z = _f32(student_logits) / temperature
+    g = jax.nn.one_hot(target, z.shape[-1], dtype=bool)
+    log_ps = jax.nn.log_softmax(z, axis=-1)
+    pt_g = jnp.sum(jnp.where(g, p_t, 0.0), -1)
+    log_ps_g = jnp.sum(jnp.where(g, log_ps, 0.0), -1)
+    log_ps_rest = jnp.log1p(-jnp.exp(jnp.minimum(log_ps_g, -1e-7)))  # log(1 - p_s,g), stable near p_s,g = 1
+
+    def xlogy_ratio(p, log_q):  # p * (log p - log q) with 0 log 0 = 0
+        return jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
+
+    tckd = xlogy_ratio(pt_g, log_ps_g) + xlogy_ratio(1.0 - pt_g, log_ps_rest)
+    pt_hat = jnp.where(g, 0.0, p_t) / jnp.maximum(1.0 - pt_g, 1e-12)[:, None]
+    log_ps_hat = jax.nn.log_softmax(jnp.where(g, -jnp.inf, z), axis=-1)
+    nckd = jnp.sum(jnp.where(g, 0.0, xlogy_ratio(pt_hat, jnp.where(g, 0.0, log_ps_hat))), -1)
+    return jnp.mean(alpha * tckd + beta * nckd) * temperature ** 2
 
 
 # ------------------------------------------------------------------------------------------------------- FitNets
@@ -289,14 +323,14 @@ def check_feature_shapes(student_feats_shapes: Mapping, teacher_feats_shapes: Ma
       `ShapeDtypeStruct`s of `jax.eval_shape` over `patient.models.apply`).
     - `pairs`: for "fitnets", "at", "nst", "srd" a list of `(student_name, teacher_name)` (a bare name means the same
       name on both sides); for "fsp" a list of `(first_name, second_name)` stages, taken from both networks.
-    - `method`: one of "kd", "fitnets", "at", "nst", "fsp", "srd".
+    - `method`: one of "kd", "dkd", "fitnets", "at", "nst", "fsp", "srd".
 
     **Returns:** the `(in, out)` sizes of the auxiliary modules to build, one per pair: `HintRegressor(C_s, C_t)` for
     "fitnets", `Projector(D_s, D_t)` for "srd"; `[]` for the others.
     """
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "kd":
+    if method in LOGIT_METHODS:
         return []
     S = {k: _shape(v) for k, v in student_feats_shapes.items()}
     T = {k: _shape(v) for k, v in teacher_feats_shapes.items()}

@@ -77,7 +77,7 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised: bool, use_cache: bool,
-              mix: bool, resolutions=()):
+              mix: bool, resolutions=(), total_steps: int | None = None):
     """Build `step(train_state, batch, teachers) -> (train_state, metrics)`, jitted for `mesh`.
 
     `batch` holds `"student"`, `"teacher"` (omitted with a cache), `"label"` and, for fixed teachers,
@@ -86,7 +86,7 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
     T = cfg.temperature
     replicated = NamedSharding(mesh, P())
 
-    def loss_fn(params, model_state, batch, targets, t_probs, t_feats):
+    def loss_fn(params, model_state, batch, targets, t_probs, t_feats, warm):
         student_params, aux = params
         model = eqx.combine(student_params, student_static)
         logits, feats, new_state = apply(model, model_state, batch["student"], train=True)
@@ -104,6 +104,13 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
                 ce = (soft_cross_entropy(logits, targets) * labelled).mean()
                 loss = cfg.kd_alpha * ce + (1 - cfg.kd_alpha) * kl
                 metrics["ce"] = ce
+            elif cfg.method == "dkd":  # Zhao et al.: target = label, or the teacher's top class when unlabelled
+                from .feature_losses import dkd_loss
+
+                target = jnp.where(labelled, batch["label"], jnp.argmax(t_probs, -1))
+                dkd = dkd_loss(logits, t_probs, target, alpha=cfg.dkd_alpha, beta=cfg.dkd_beta, temperature=T)
+                loss = loss + cfg.method_weight * warm * dkd
+                metrics["dkd"] = dkd
             elif cfg.method != "kl":
                 feat = feature_loss(cfg, aux, feats, t_feats)
                 loss = loss + cfg.method_weight * feat
@@ -140,7 +147,10 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
         # teacher is reported as such, not as a learning rate to lower.
         finite = {} if t_probs is None else {"finite_teacher": jnp.all(jnp.isfinite(t_probs))}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs, t_feats)
+        # DKD's loss weight warms up linearly over dkd_warmup_fraction of the run (the paper: 20 of 240 epochs).
+        warm_steps = cfg.dkd_warmup_fraction * (total_steps or cfg.steps or 1)
+        warm = jnp.minimum(1.0, (ts.step + 1) / warm_steps) if warm_steps > 0 else 1.0
+        (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs, t_feats, warm)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)

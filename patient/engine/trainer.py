@@ -149,7 +149,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     k = _num_classes(source) or (_num_classes(eval_source) if eval_source is not None else None)
     s_model, s_state = resolve_model(student, role="student", num_classes=k, key=jax.random.fold_in(key, 1))
     s_spec = spec_of(s_model)
-    if supervised or cfg.method == "kd" or cfg.label_weight > 0:  # distillation alone never reads the labels:
+    if supervised or cfg.method in ("kd", "dkd") or cfg.label_weight > 0:  # distillation alone never reads labels:
         _check_labels(source, s_spec.num_classes, "data", supervised=supervised)  # out-of-domain data is fine
     if eval_source is not None:
         _check_labels(eval_source, s_spec.num_classes, "eval_data")
@@ -192,7 +192,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                                     channels=cfg.channels, resolutions=cfg.teacher_resolutions, workdir=workdir,
                                     progress=cfg.progress, crop_area=(cfg.crop_area_min, 1.0))
     step_fn = make_step(cfg, static, optimizer, mesh=mesh, supervised=supervised, use_cache=use_cache,
-                        mix=info.mixup, resolutions=cfg.teacher_resolutions)
+                        mix=info.mixup, resolutions=cfg.teacher_resolutions, total_steps=total)
     replicated = NamedSharding(mesh, P())
     # The step donates its state; copy so the caller's model arrays are never the buffers that get donated.
     aux = _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key)
@@ -290,7 +290,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
 def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) -> list:
     """Check the feature method's stage pairs against both networks (before compiling anything) and build the
     auxiliary modules it trains: FitNets regressors or the SRD projector."""
-    if cfg.method in ("kl", "kd"):
+    if cfg.method in ("kl", "kd", "dkd"):
         return []
     from . import feature_losses as fl
     from .step import parse_pairs
