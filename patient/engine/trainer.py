@@ -194,6 +194,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     step_fn = make_step(cfg, static, optimizer, mesh=mesh, supervised=supervised, use_cache=use_cache,
                         mix=info.mixup, resolutions=cfg.teacher_resolutions, total_steps=total)
     replicated = NamedSharding(mesh, P())
+    teachers = jax.device_put(teachers, replicated)  # on the mesh once, not transferred again at every step
     # The step donates its state; copy so the caller's model arrays are never the buffers that get donated.
     aux = _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key)
     ts = init_state(params, s_state, optimizer, cfg.seed, aux)
