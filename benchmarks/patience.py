@@ -15,7 +15,7 @@ Adam with 5% warm-up and cosine decay, and the paper's augmentation: inception c
    finished rows (their `result.json`) and resumes interrupted ones from the last checkpoint. The seed sets the student's
    initialisation, the data order, the views and mixup.
 3. After every finished row, `--out`/patience.{json,md,png} are rewritten from every finished row, so a partial sweep is
-   always readable. The figure is test top-1 against epochs (log x) per mode, mean and spread over seeds, like the
+   always readable; `--report` writes them from the finished runs without training anything. The figure is test top-1 against epochs (log x) per mode, mean and spread over seeds, like the
    paper's Figure 3.
 
 Row `seconds` are wall time of that training on a machine that may have been shared (they are not speed claims).
@@ -192,7 +192,7 @@ def write(a, out, rows, tuning, teacher_top1, meta):
           f"finished rows: {len(rows)}", "", "Learning rate per mode (tuned once at the shortest budget, seed 0, on "
           "the validation split):", ""]
     md += [f"- {t['mode']}: " + ", ".join(f"lr {v['lr']:g} -> {v['val_top1']:.2f}%" for v in t["runs"])
-           + f" -> **{t['chosen']:g}**" for t in tuning]
+           + (f" -> **{t['chosen']:g}**" if t["chosen"] is not None else " (not finished)") for t in tuning]
     md += ["", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(s[k]) for k, _ in cols) + " |" for s in summary]
     if gap:
@@ -206,7 +206,9 @@ def write(a, out, rows, tuning, teacher_top1, meta):
 
 
 def main(argv=None):
-    p, a = study_args(__doc__, FULL, QUICK, argv, quick_help="toy sizes (the test suite runs this)")
+    p, a = study_args(__doc__, FULL, QUICK, argv, quick_help="toy sizes (the test suite runs this)",
+                      extra=lambda p: p.add_argument("--report", action="store_true",
+                                                     help="train nothing: write the outputs from the finished runs"))
     try:
         budgets = sorted({int(b) for b in a.budgets.split(",")})
         lrs = [float(x) for x in a.lrs.split(",")]
@@ -266,23 +268,35 @@ def main(argv=None):
                     student="cifar_resnet20 depths (1, 1, 1) (ResNet-8)", train_images=len(train), batch=a.batch,
                     session_run_time_s=round(time.perf_counter() - t_start, 1))
 
+    def run(mode, steps, seed, lr):
+        """A finished run's result; trains it (or resumes it) unless --report, where an unfinished run is None."""
+        if a.report:
+            done = pathlib.Path(a.workdir) / "rows" / _row_id(mode, steps, seed, lr) / "result.json"
+            return json.loads(done.read_text()) if done.is_file() else None
+        return train_one(a, mode, steps, seed, lr, teacher, sources)
+
     # 1. learning rate per mode at the shortest budget, seed 0, chosen on the validation split.
-    tuning, chosen = [], {}
+    tuning, chosen, rows = [], {}, []
     for mode in MODES:
         runs = []
         for lr in lrs:
-            r = train_one(a, mode, budgets[0], 0, lr, teacher, sources)
-            runs.append(dict(lr=lr, val_top1=r["val_top1"]))
-            print(f"  tune {mode:<8} lr {lr:<7g} val top-1 {r['val_top1']:6.2f}%", flush=True)
-        chosen[mode] = max(runs, key=lambda v: v["val_top1"])["lr"]
-        tuning.append(dict(mode=mode, steps=budgets[0], runs=runs, chosen=chosen[mode]))
+            r = run(mode, budgets[0], 0, lr)
+            if r is not None:
+                runs.append(dict(lr=lr, val_top1=r["val_top1"]))
+                print(f"  tune {mode:<8} lr {lr:<7g} val top-1 {r['val_top1']:6.2f}%", flush=True)
+        if len(runs) == len(lrs):
+            chosen[mode] = max(runs, key=lambda v: v["val_top1"])["lr"]
+        tuning.append(dict(mode=mode, steps=budgets[0], runs=runs, chosen=chosen.get(mode)))
+        if a.report:
+            write(a, out, rows, tuning, teacher_top1, meta())
 
     # 2. every (budget, seed, mode) at the chosen learning rate; shortest budgets first so partial sweeps are useful.
-    rows = []
     for steps in budgets:
         for seed in range(a.seeds):
             for mode in MODES:
-                r = train_one(a, mode, steps, seed, chosen[mode], teacher, sources)
+                r = run(mode, steps, seed, chosen[mode]) if mode in chosen else None
+                if r is None:
+                    continue
                 rows.append(r)
                 print(f"  {mode:<8} {steps:>6} steps ({r['epochs']:g} epochs) seed {seed}: top-1 {r['test_top1']:6.2f}%"
                       f"  agreement {r['agreement']:6.2f}%  {r['seconds']:.0f} s", flush=True)

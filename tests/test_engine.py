@@ -115,8 +115,7 @@ def test_registry_student_records_the_resolution_it_was_trained_at(teacher, tmp_
     import patient
     from patient.models.registry import spec_of
 
-    r = distill(teacher, "mobilenetv3_small_050", digits("train"), steps=3, batch_size=32, student_res=RES,
-                progress=False)
+    r = distill(teacher, "cifar_resnet20", digits("train"), steps=2, batch_size=32, student_res=RES, progress=False)
     assert spec_of(r.student).resolution == RES
     patient.save(tmp_path / "s.eqx", r.student, r.state)
     model, state, header = patient.load(tmp_path / "s.eqx")
