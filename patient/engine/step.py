@@ -21,7 +21,7 @@ from patient.data.mixup import mixup
 from patient.models.registry import apply
 
 from .config import Config
-from .losses import cross_entropy, kl_divergence, soft_cross_entropy, teacher_probs
+from .losses import kl_divergence, soft_cross_entropy, teacher_probs
 from .teachers import teacher_logits
 
 

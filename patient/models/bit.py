@@ -11,7 +11,6 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .layers import split, Conv2d, GroupNorm, Linear, Normalize, make_divisible, max_pool
 
