@@ -31,7 +31,7 @@ def check_output(path: str, flag: str = "--out") -> None:
     """Fail before any work when `path` cannot be written: its directory is missing, not a directory, or not
     writable, or the path itself is a directory."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = p.parent  # Path("x.eqx").parent is Path(".")
     if p.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file path such as {p / 'model.eqx'}")
     if not parent.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -291,9 +292,10 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
 def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) -> list:
     """Check the feature method's stage pairs against both networks (before compiling anything) and build the
     auxiliary modules it trains: FitNets regressors or the SRD projector."""
-    if cfg.method in ("kl", "kd", "dkd"):
-        return []
     from . import feature_losses as fl
+
+    if cfg.method == "kl" or cfg.method in fl.LOGIT_METHODS:
+        return []
     from .step import parse_pairs
 
     if use_cache:
@@ -360,14 +362,10 @@ def _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res
     return out
 
 
-_SUMS_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _batch_sums(mesh, with_teacher: bool):
-    """Jitted per-batch counts (and the KL sum) over a batch split across `mesh`, returned replicated."""
-    key = (id(mesh), tuple(d.id for d in mesh.devices.flat), with_teacher)
-    if key in _SUMS_CACHE:
-        return _SUMS_CACHE[key]
+    """Jitted per-batch counts (and the KL sum) over a batch split across `mesh`, returned replicated (one compiled
+    function per mesh, reused by every evaluation of a run)."""
 
     def sums(logits, probs, labels, mask):
         lab = mask & (labels >= 0)
@@ -383,9 +381,7 @@ def _batch_sums(mesh, with_teacher: bool):
                        kl=jnp.where(mask, kl, 0.0).sum())
         return out
 
-    fn = jax.jit(sums, out_shardings=NamedSharding(mesh, P()))
-    _SUMS_CACHE[key] = fn
-    return fn
+    return jax.jit(sums, out_shardings=NamedSharding(mesh, P()))
 
 
 def _summary(m: dict, steps: int, seconds: float, supervised: bool) -> str:
@@ -507,18 +503,22 @@ def evaluate(student, data, *, teacher=None, resolution: int = 0, teacher_resolu
     **Returns:** a dict of percentages (`top1`, `top5`, `teacher_top1`, `agreement`) and `kl`, `examples`.
     """
     source = _as_source(data)
-    model, state = resolve_model(student, role="student", num_classes=None, key=None)
+    names = None
+    if isinstance(student, (str, Path)) and Path(student).is_file():  # read once: the model and its class names
+        from patient.io import load
+
+        model, state, header = load(student)
+        names = header.get("class_names")
+    else:
+        model, state = resolve_model(student, role="student", num_classes=None, key=None)
     teachers = [] if teacher is None else [resolve_model(teacher, role="teacher", num_classes=None, key=None)]
     _check_labels(source, spec_of(model).num_classes, "data")
     labels = getattr(source, "labels", None)
     if labels is not None and not (np.asarray(labels) >= 0).any():
         raise ValueError("data has no labelled examples (every label is -1); top-1 needs labels")
-    if isinstance(student, (str, Path)) and not relabel:
-        from patient.io import read_header
-
-        names = read_header(student)[0].get("class_names")
+    if names and not relabel:
         data_names = list(getattr(source, "class_names", []) or [])
-        if names and data_names and list(names) != data_names:
+        if data_names and list(names) != data_names:
             raise ValueError(f"the model's classes {names[:4]}... are not the data's {data_names[:4]}... (in that "
                              "order); pass relabel=True if the data's label i really is the model's class i")
     params, static = eqx.partition(model, eqx.is_array)
