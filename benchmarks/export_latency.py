@@ -149,10 +149,10 @@ def main(argv=None) -> None:
     import timm
     import torch
 
-    from patient.bench.data import open_source, sample
     from patient.bench.latency import library_versions, machine_info
-    from patient.bench.runtime import OnnxRunner, TfliteRunner
     from patient.export import to_onnx, to_tflite
+    from patient.runtime.data import open_source, sample
+    from patient.runtime.models import OnnxRunner, TfliteRunner
 
     digits = sample(open_source("digits"), 4, 224)
     rows, checks, paired = [], [], []

@@ -28,7 +28,7 @@ The last printed line is one JSON object of the figures.
 Last runs (2 Xeon cores; teacher 91.02%, trained once in 1032 s on a shared machine, then cached): the default
 command (crops of area >= 0.05, 2473 s) gives fm long 84.24% against fix/rs long 85.23% and scratch long 80.89%
 (goal not met); `--crop-area-min 1.0 --out benchmarks/results/funmatch_crop_area_1` (no crops, 2383 s) gives fm long
-88.94% against 85.23% and 82.98% (+3.71 / +5.96, 74% of the gap to the teacher: goal met). README's "Results"
+88.94% against 85.23% and 82.98% (+3.71 / +5.96, 74% of the gap to the teacher: goal met). benchmarks/README.md's study
 section has both tables and the reading; benchmarks/results/funmatch_investigation.md what else was tried.
 """
 

@@ -79,8 +79,8 @@ ROWS = [
 
 def predictions(model_state, source, res, batch=500):
     """Top-1 class of (model, state) on every example of `source` (eval pipeline: plain resize), and the labels."""
-    import jax
     import equinox as eqx
+    import jax
     import numpy as np
 
     from patient.data import eval_pipeline
@@ -177,7 +177,7 @@ def main():
     run_time = time.perf_counter() - t0
 
     table_rows = []
-    for name, method, settings, extra in rows_cfg:
+    for name, _method, settings, _extra in rows_cfg:
         rs = [r for r in runs if r["row"] == name]
         top = [r["top1"] for r in rs]
         agr = [r["agreement"] for r in rs]

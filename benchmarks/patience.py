@@ -15,8 +15,8 @@ Adam with 5% warm-up and cosine decay, and the paper's augmentation: inception c
    finished rows (their `result.json`) and resumes interrupted ones from the last checkpoint. The seed sets the student's
    initialisation, the data order, the views and mixup.
 3. After every finished row, `--out`/patience.{json,md,png} are rewritten from every finished row, so a partial sweep is
-   always readable; `--report` writes them from the finished runs without training anything. The figure is test top-1 against epochs (log x) per mode, mean and spread over seeds, like the
-   paper's Figure 3.
+   always readable; `--report` writes them from the finished runs without training anything. The figure is test top-1
+   against epochs (log x) per mode, mean and spread over seeds, like the paper's Figure 3.
 
 Row `seconds` are wall time of that training on a machine that may have been shared (they are not speed claims).
 """
@@ -223,9 +223,9 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     import numpy as np
+    from funmatch import get_teacher, teacher_path
 
     import patient
-    from funmatch import get_teacher, teacher_path
     from patient.data import SubsetSource, fashion_mnist, subset
 
     teacher_args = argparse.Namespace(res=a.res, teacher_steps=a.teacher_steps, teacher_batch=a.teacher_batch,

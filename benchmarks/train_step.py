@@ -46,7 +46,7 @@ def child_jax(steps: int, teacher_dtype: str) -> dict:
     from patient.models import create
 
     out = {}
-    for t_name, s_name, res, bs in PAIRS:
+    for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
         cfg = Config(batch_size=bs, steps=1000, teacher_dtype=teacher_dtype)
         t = create(t_name, num_classes=100, key=jax.random.key(0))
         if teacher_dtype == "bfloat16":
@@ -154,7 +154,7 @@ def child_torch(steps: int) -> dict:
         return timm.create_model({"bit_r50x1": "resnetv2_50x1_bit"}.get(name, name), num_classes=100)
 
     out = {}
-    for t_name, s_name, res, bs in PAIRS:
+    for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
         teacher, student = build(t_name).eval(), build(s_name).train()
         opt = torch.optim.Adam(student.parameters(), lr=1e-3)
         xs, xt = torch.rand(bs, 3, res, res), torch.rand(bs, 3, res, res)
@@ -209,7 +209,7 @@ def main() -> None:
             results[child] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
                 "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:160]}
     rows = []
-    for t_name, s_name, res, bs in PAIRS:
+    for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
         k = f"{t_name}->{s_name}"
         row = {"pair": k, "res": res, "batch": bs}
         for child in results:
@@ -219,7 +219,7 @@ def main() -> None:
         row["best_jax_vs_torch"] = best / row["torch"] if best and row["torch"] else None
         rows.append(row)
     split_rows = []
-    for t_name, s_name, res, bs in PAIRS:
+    for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
         k = f"{t_name}->{s_name}"
         js = results["jax_float32"].get(k, {}).get("split_ms", {})
         ts = results["torch"].get(k, {}).get("split_ms", {})

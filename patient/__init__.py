@@ -6,7 +6,7 @@ need them. Importing `patient` itself imports nothing: `save`/`load` (JAX, Equin
 grain, orbax) load on first use, so `patient.bench` runs .onnx/.tflite files on devices that carry no JAX.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "distill", "evaluate", "load", "save", "train"]
 

@@ -13,13 +13,15 @@ import hashlib
 import io
 import json
 import os
-import tempfile
-from glob import escape as glob_escape
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
+
+from ._files import write_atomic
 
 MAGIC = "patient-eqx"
 FORMAT_VERSION = 1
@@ -30,10 +32,13 @@ class PatientFileError(ValueError):
     """A file that is not a readable patient `.eqx` file (truncated, tampered, wrong magic or version, ...)."""
 
 
-def save(path, model, state=None, *, class_names=None, meta=None, allow_nonfinite: bool = False) -> Path:
+def save(path: str | os.PathLike, model: eqx.Module, state: dict[str, Any] | None = None, *,
+         class_names: Sequence[str] | None = None, meta: dict[str, Any] | None = None,
+         allow_nonfinite: bool = False) -> Path:
     """Write `(model, state)` to one `.eqx` file, atomically.
 
     **Arguments:**
+
     - `path`: destination (conventionally `*.eqx`).
     - `model`, `state`: a registry model and its state (`{}` or `None` for GroupNorm models).
     - `class_names`: optional list of `num_classes` names, kept in the header.
@@ -64,7 +69,7 @@ def save(path, model, state=None, *, class_names=None, meta=None, allow_nonfinit
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, (model, state))
     payload = buf.getvalue()
-    from . import __version__
+    from ._version import __version__
 
     header = {
         "magic": MAGIC,
@@ -83,34 +88,7 @@ def save(path, model, state=None, *, class_names=None, meta=None, allow_nonfinit
         line = json.dumps(header, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta for {path} is not JSON-serialisable: {e}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(line + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temporary files that an earlier save of `path` left when its process was killed (their names carry
-    the writer's pid; a file of a process that still runs is left alone)."""
-    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's live process
+    return write_atomic(path, line + b"\n" + payload)
 
 
 def _header_hash(header: dict) -> str:
@@ -118,7 +96,7 @@ def _header_hash(header: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
-def read_header(path) -> tuple[dict, bytes]:
+def read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     """Parse and check the header; returns `(header, payload)` with the payload's length and hash verified.
 
     Only the first MAX_HEADER_BYTES are read before the header is checked, and the payload is read only when the
@@ -167,7 +145,7 @@ def _parse_header(path: Path, line: bytes) -> dict:
     return header
 
 
-def load(path):
+def load(path: str | os.PathLike) -> tuple[eqx.Module, dict[str, Any], dict[str, Any]]:
     """Read a `.eqx` file written by `save`.
 
     **Returns:** `(model, state, meta)` where `meta` is the header dict (spec, class names, preprocessing, user meta).
@@ -202,5 +180,6 @@ def load(path):
         skeleton = build(spec, None)  # zero-filled module tree of the right shapes
         model, state = eqx.tree_deserialise_leaves(io.BytesIO(payload), skeleton)
     except Exception as e:  # any mismatch between spec and payload is a damaged file, reported as such
-        raise PatientFileError(f"{path}: payload does not match its model spec ({type(e).__name__}); the file is damaged") from None
+        raise PatientFileError(f"{path}: payload does not match its model spec ({type(e).__name__}); "
+                               "the file is damaged") from None
     return model, state, header

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 import patient
-from patient.bench import data as bdata
 from patient.bench.latency import bench, machine_info, table
-from patient.bench.runtime import ModelError, open_model
 from patient.export import to_onnx, to_tflite
 from patient.models import create
+from patient.runtime import data as bdata
+from patient.runtime.models import ModelError, open_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,16 +49,6 @@ def test_render_plain_is_the_eval_pipeline_rendering():
         for res in (16, 32, 64):
             want = views.render(image, views.plain_resize(), res, 3)
             np.testing.assert_array_equal(bdata.render_plain(image, res), want)
-
-
-def test_image_folder_matches_patient_data(files):
-    from patient.data import image_folder
-
-    ours, theirs = bdata.image_folder(files["folder"]), image_folder(files["folder"])
-    assert ours.class_names == theirs.class_names and len(ours) == len(theirs)
-    for i in range(len(ours)):
-        a, b = ours[i], theirs[i]
-        assert a["label"] == b["label"] and np.array_equal(a["image"], b["image"])
 
 
 def test_predict_pads_and_splits_fixed_batches(files):
@@ -115,7 +105,7 @@ def test_eval_same_top1_for_every_format(files, capsys):
     (["{eqx}", "--data", "digits", "--resolution", "0"], "positive integer"),
     (["{eqx}", "--data", "digits", "--resolution", "5000"], "up to 4096 px"),
     (["{onnx}", "--data", "cifar100"], "unknown data"),
-    (["{onnx}", "--data", "image_folder:{missing}"], "not a directory"),
+    (["{onnx}", "--data", "image_folder:{missing}"], "does not exist"),
 ])
 def test_eval_bad_input(files, tmp_path, capsys, argv, expect):
     from patient.cli.eval import main

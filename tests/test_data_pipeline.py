@@ -5,9 +5,9 @@ import multiprocessing
 
 import numpy as np
 import pytest
+from test_data_views import coord_image, decode_box
 
 import patient.data as pd
-from test_data_views import coord_image, decode_box
 
 H, W = 192, 256
 

@@ -15,13 +15,14 @@ import jax
 import numpy as np
 import onnx
 import pytest
+from lanes import fast_only
 
 import patient
-from patient.bench.data import open_source, sample
-from patient.bench.runtime import open_model
 from patient.export import fold, to_onnx, to_tflite
 from patient.io import read_header
 from patient.models import apply, create
+from patient.runtime.data import open_source, sample
+from patient.runtime.models import open_model
 
 FAMILIES = {  # name: (overrides, resolution)
     "bit_r26x1": ({"depths": (1, 1, 1, 1)}, 64),
@@ -101,7 +102,7 @@ def exported(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", fast_only(FAMILIES, keep=("resnet18", "cifar_resnet20")))
 def test_fold_matches_jax(name):
     model, state = perturbed_model(name)
     res = FAMILIES[name][1]
@@ -114,6 +115,7 @@ def test_fold_matches_jax(name):
         np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_parity_with_jax_on_digits(exported, name, fmt):
@@ -133,6 +135,7 @@ def _constant_only_nodes(model):
     return [n.op_type for n in model.graph.node if n.input and all(i in inits or i == "" for i in n.input)]
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_onnx_graph_is_folded(exported, name):
     m = onnx.load(exported[name]["onnx"])
@@ -151,7 +154,7 @@ def test_onnx_graph_is_folded(exported, name):
 
 
 def _convs(ops):
-    from patient.export.fold import Conv, Residual, SqueezeExcite
+    from patient.models.fold import Conv, Residual, SqueezeExcite
 
     for op in ops:
         if isinstance(op, Conv):
@@ -162,6 +165,7 @@ def _convs(ops):
             yield from _convs(op.pre + op.body + (op.shortcut or ()))
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_onnx_metadata(exported):
     e = exported["mobilenetv3_small_050"]
     header = read_header(e["eqx"])[0]
@@ -178,11 +182,13 @@ def test_onnx_metadata(exported):
         {k: r.meta[k] for k in ("eqx_payload_sha256", "resolution", "class_names")}
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_tflite_is_nhwc_inside(exported):
     ops = exported["resnet18"]["tflite_report"]["ops"]
     assert ops.get("TRANSPOSE", 0) == 1 and ops["CONV_2D"] == 12
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_dynamic_batch_onnx(exported, tmp_path):
     e = exported["bit_r26x1"]
     rep = to_onnx(e["eqx"], tmp_path / "dyn.onnx", dynamic_batch=True, verify_size=16)
@@ -192,6 +198,7 @@ def test_dynamic_batch_onnx(exported, tmp_path):
     np.testing.assert_allclose(r.run_batch(x), np.asarray(_jit_apply(e["model"], e["state"], x)), atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_ort_nchwc_graph_is_exact(exported, tmp_path):
     e = exported["mobilenetv3_small_050"]
     rep = to_onnx(e["eqx"], tmp_path / "nchwc.onnx", ort_nchwc=True, verify_size=16)
@@ -202,6 +209,7 @@ def test_ort_nchwc_graph_is_exact(exported, tmp_path):
                                atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_quantized_exports(exported, tmp_path):
     e = exported["cifar_resnet20"]
     rep = to_onnx(e["eqx"], tmp_path / "q.onnx", quantize="int8", calibration="digits", calibration_size=16,
@@ -215,6 +223,7 @@ def test_quantized_exports(exported, tmp_path):
     assert rep["ops"].get("QUANTIZE") == 1  # int8: float input quantised once, every operator int8
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_resolution_override(exported, tmp_path):
     e = exported["cifar_resnet20"]
     rep = to_tflite(e["eqx"], tmp_path / "r48.tflite", resolution=48, verify_size=8)
@@ -229,8 +238,8 @@ def test_resolution_override(exported, tmp_path):
 
 
 def test_resolution_where_a_map_would_vanish():
-    from patient.export.fold import Conv, FoldedNet
     from patient.export.verify import ExportError, check_resolution
+    from patient.models.fold import Conv, FoldedNet
 
     w = np.zeros((4, 3, 7, 7), np.float32)
     net = FoldedNet((Conv(w, None, 2, ((0, 0), (0, 0)), 1),), "unpadded", 4, 32)
@@ -239,6 +248,7 @@ def test_resolution_where_a_map_would_vanish():
         check_resolution(net, 6)
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
     from patient.cli.export import main
 
@@ -250,6 +260,7 @@ def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
 def test_cli_export_writes_and_reports(exported, tmp_path, capsys):
     from patient.cli.export import main
 
@@ -261,9 +272,10 @@ def test_cli_export_writes_and_reports(exported, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, exported):
+def bad_inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
-    good = exported["mobilenetv3_small_050"]["eqx"]
+    model, state = create("mobilenetv3_small_050", num_classes=10, key=jax.random.key(0), resolution=64)
+    good = patient.save(tmp / "good.eqx", model, state, class_names=[f"c{i}" for i in range(10)])
     corrupt = tmp / "corrupt.eqx"
     data = bytearray(good.read_bytes())
     data[-100] ^= 0xFF  # one flipped payload byte

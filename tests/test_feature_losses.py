@@ -6,9 +6,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from patient.engine.feature_losses import (HintRegressor, Projector, at_loss, attention_map, check_feature_shapes,
-                                           fitnets_loss, fsp_loss, fsp_matrix, hinton_kd, nst_loss, resize_hw,
-                                           srd_loss)
+from patient.engine.feature_losses import (
+    HintRegressor,
+    Projector,
+    at_loss,
+    attention_map,
+    check_feature_shapes,
+    fitnets_loss,
+    fsp_loss,
+    fsp_matrix,
+    hinton_kd,
+    nst_loss,
+    resize_hw,
+    srd_loss,
+)
 from patient.models import apply, create
 
 RTOL = 1e-5

@@ -17,6 +17,9 @@ FIELDS = {"row", "mode", "budget", "optimizer", "student_res", "teacher_res", "d
           "steps", "seconds"}
 
 
+pytestmark = pytest.mark.slow  # trains the study's quick rows (minutes)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     pytest.importorskip("matplotlib", reason="the study draws its figure with matplotlib (the dev extra)")

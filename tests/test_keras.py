@@ -26,9 +26,11 @@ if keras.backend.backend() != "jax":
     pytest.skip(f"keras was imported with the {keras.backend.backend()!r} backend before this module (KERAS_BACKEND "
                 "must be 'jax' at the first import); run this file alone", allow_module_level=True)
 
-import patient
-from patient.data import digits, eval_pipeline
-from patient.models import KerasModel, apply, create, from_keras, param_count, to_keras
+import patient  # noqa: E402  (keras must be imported with the jax backend first, above)
+from patient.data import digits, eval_pipeline  # noqa: E402
+from patient.models import KerasModel, apply, create, from_keras, param_count, to_keras  # noqa: E402
+
+pytestmark = pytest.mark.slow  # keras.applications models: a minute to build and trace
 
 ROOT = Path(__file__).resolve().parents[1]
 L = keras.layers

@@ -82,6 +82,7 @@ def test_gradients_equal_lax_conv_in_float64(case):
     np.testing.assert_allclose(np.asarray(gw), np.asarray(gw_ref), rtol=0, atol=2e-5 * np.abs(gw_ref).max())
 
 
+@pytest.mark.slow
 def test_conv2d_uses_it_for_depthwise_and_matches_lax(getkey):
     """A depthwise Conv2d (timm's padding) gives lax.conv's output and gradients; a grouped, not depthwise, conv
     stays on lax.conv."""

@@ -3,9 +3,9 @@ first-order optimizers, and a Kronecker-structured quadratic where Shampoo must 
 
 import contextlib
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .runtime import Runner, file_size, open_model
+from patient.runtime.models import Runner, file_size, open_model
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",  # x86
@@ -57,7 +57,7 @@ def machine_info() -> dict[str, Any]:
 
 def library_versions() -> dict[str, str]:
     """Versions of the inference libraries this process has loaded (nothing is imported to ask)."""
-    from patient import __version__
+    from patient._version import __version__
 
     out = {"patient": __version__, "numpy": np.__version__}
     for mod, name in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "ai-edge-litert"), ("jax", "jax"),
@@ -104,23 +104,23 @@ def _counts(runner: Runner) -> tuple[int | None, int | None]:
     params = int(meta["params"]) if str(meta.get("params", "")).isdigit() else None
     macs = int(meta["macs"]) if str(meta.get("macs", "")).isdigit() else None
     if runner.format == "eqx":
-        from patient.export.fold import fold
         from patient.models import param_count
+        from patient.models.fold import fold
 
         params = param_count(runner.model)
         macs = fold(runner.model, runner.state).macs(runner.resolution)
     return params, macs
 
 
-def bench(path, *, threads: int | None = None, batch: int | None = None, runs: int = 1000, warmup: int = 50,
-          label: str | None = None) -> dict[str, Any]:
+def bench(path: str | os.PathLike, *, threads: int | None = None, batch: int | None = None, runs: int = 1000,
+          warmup: int = 50, label: str | None = None) -> dict[str, Any]:
     """Benchmark one model file at one thread count; returns a flat dict (see the module docstring)."""
     _reset_peak_rss()
     t0 = time.perf_counter()
     runner = open_model(path, threads=threads, batch=batch)
     load_s = time.perf_counter() - t0
     if batch is not None and runner.batch is not None and runner.batch != batch:
-        from .runtime import ModelError
+        from patient.runtime.models import ModelError
 
         raise ModelError(f"{path}: exported with batch {runner.batch}; re-export with --batch {batch} or bench with "
                          f"--batch {runner.batch}")
@@ -129,13 +129,7 @@ def bench(path, *, threads: int | None = None, batch: int | None = None, runs: i
     t = time.perf_counter()
     runner.run_batch(x)
     first_ms = (time.perf_counter() - t) * 1e3
-    for _ in range(warmup):
-        runner.run_batch(x)
-    times = np.empty(runs, np.float64)
-    for i in range(runs):
-        t = time.perf_counter_ns()
-        runner.run_batch(x)
-        times[i] = (time.perf_counter_ns() - t) / 1e6
+    times = runner.time_ms(x, runs=runs, warmup=warmup)
     params, macs = _counts(runner)
     result = {
         "model": label or os.path.basename(str(path)), "path": str(path), "format": runner.format,
@@ -179,7 +173,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt_row(heads)] + [fmt_row(c) for c in cells])
 
 
-def plot(rows: list[dict[str, Any]], path) -> None:
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """A horizontal bar chart of p50 latency with p90 whiskers per model and thread count (matplotlib)."""
     import matplotlib
 

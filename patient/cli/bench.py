@@ -10,18 +10,14 @@ XLA sizes its own thread pool.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+from collections.abc import Sequence
+
+from .common import Parser, emit_json, fail, run
 
 PROG = "patient-bench"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 MAX_THREADS = 256  # runtimes allocate per-thread state up front: 100000 threads would exhaust memory and hang
@@ -40,8 +36,8 @@ def _threads(text: str) -> list[int]:
     return out
 
 
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Benchmark .eqx, .onnx and .tflite models in-process.")
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Benchmark .eqx, .onnx and .tflite models in-process.")
     p.add_argument("models", nargs="+", help=".eqx / .onnx / .tflite files")
     p.add_argument("--threads", type=_threads, default=[1], help="comma-separated intra-op thread counts (default 1)")
     p.add_argument("--batch", type=int, help="batch size (default: the file's; 1 for .eqx)")
@@ -52,42 +48,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
-        return _fail("--runs must be >= 1, --warmup >= 0 and --batch >= 1")
-    from patient.bench.latency import bench, library_versions, machine_info, plot, table
-    from patient.bench.runtime import ModelError, model_format
+        return fail(PROG, "--runs must be >= 1, --warmup >= 0 and --batch >= 1")
+    return run(PROG, lambda: _bench(args))
 
-    try:
-        formats = [model_format(m) for m in args.models]  # every file checked before any timing starts
-    except ModelError as e:
-        return _fail(str(e))
+
+def _bench(args) -> int:
+    from patient.bench.latency import bench, library_versions, machine_info, plot, table
+    from patient.runtime.models import model_format
+
+    formats = [model_format(m) for m in args.models]  # every file checked before any timing starts
     rows = []
     t0 = time.perf_counter()
-    try:
-        for path, fmt in zip(args.models, formats):
-            for threads in ([None] if fmt == "eqx" else args.threads):
-                rows.append(bench(path, threads=threads, batch=args.batch, runs=args.runs, warmup=args.warmup))
-    except ModelError as e:
-        return _fail(str(e))
+    for path, fmt in zip(args.models, formats):
+        for threads in ([None] if fmt == "eqx" else args.threads):
+            rows.append(bench(path, threads=threads, batch=args.batch, runs=args.runs, warmup=args.warmup))
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
     result = {"benchmark": "patient-bench", "machine": machine_info(), "libraries": library_versions(),
               "run_time_s": round(time.perf_counter() - t0, 1), "results": rows}
-    line = json.dumps(result, sort_keys=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit_json(result, args.json)
     return 0
 
-
-def _fail(msg: str, code: int = 2) -> int:
-    print(f"{PROG}: error: {msg.strip().splitlines()[0] if msg.strip() else 'failed'}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

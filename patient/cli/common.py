@@ -1,30 +1,74 @@
-"""Shared helpers for the command-line tools: data specs, error reporting, exit codes."""
+"""The command-line kit every `patient-*` tool is built from: the argument parser, error reporting and exit codes,
+the JSON result line, the data specs and the shared steps of the two training commands.
+
+Conventions, the same in every tool:
+- A user's mistake (bad value, missing or unwritable file, unknown data, a run that diverged) prints ONE line,
+  `<prog>: error: <what is wrong and how to fix it>`, on stderr and exits 2 (1 for a failed export verification).
+  Anything else (TypeError, KeyError, ...) is a bug in patient and keeps its traceback.
+- Results end with one JSON line on stdout; `--json PATH` also writes it to a file (atomically).
+- Importing this module needs the standard library only, so `patient-bench` and `patient-eval` run without JAX.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from patient.data.sources import ArraySource, ImageFolderSource
+    from patient.engine import Config, DistillResult
+
+# Mistakes a user can make end in one line; ModelError, DataError, ExportError, ConfigError, PatientFileError and
+# WeightsError are ValueErrors, a diverged run raises NonFiniteLossError (a FloatingPointError).
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def data_source(spec: str, split: str):
-    """`digits`, `fashion_mnist` or `image_folder:PATH` -> a patient.data source for `split` ("train"/"test")."""
-    from patient import data
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
 
-    if spec == "digits":
-        return data.digits(split)
-    if spec == "fashion_mnist":
-        return data.fashion_mnist(split)
-    if spec.startswith("image_folder:"):
-        return data.image_folder(spec.split(":", 1)[1])
-    raise ValueError(f"--data {spec!r}: use digits, fashion_mnist or image_folder:PATH")
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
-def fail(prog: str, err: BaseException) -> int:
-    """Print one clear line for a user error and return the exit code."""
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+def fail(prog: str, err: BaseException | str) -> int:
+    """Print one clear line for a user error and return the exit code: `err.exit_code` if it has one, else 2."""
+    text = str(err).strip()
+    msg = text.splitlines()[0] if text else type(err).__name__
     print(f"{prog}: error: {msg}", file=sys.stderr)
-    return 2
+    return int(getattr(err, "exit_code", 2))
+
+
+def run(prog: str, work: Callable[[], int]) -> int:
+    """`work()`, with user errors turned into one line and an exit code (see the module docstring)."""
+    try:
+        return work()
+    except USER_ERRORS as e:
+        return fail(prog, e)
+
+
+def emit_json(result: dict, path: str | None = None) -> str:
+    """Print `result` as one sorted JSON line; also write it to `path` when given. Returns the line."""
+    line = json.dumps(result, sort_keys=True, default=str)
+    if path:
+        from patient._files import write_atomic
+
+        write_atomic(path, line + "\n")
+    print(line)
+    return line
+
+
+def data_source(spec: str, split: str) -> ArraySource | ImageFolderSource:
+    """A data spec (`digits`, `fashion_mnist` or `image_folder:PATH`) -> its source for `split` ("train"/"test").
+    The one parser of data specs (`patient.runtime.open_source`), shared with the JAX-free device path."""
+    from patient.runtime.data import open_source
+
+    return open_source(spec, split)
 
 
 def check_output(path: str, flag: str = "--out") -> None:
@@ -42,6 +86,40 @@ def check_output(path: str, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: directory {parent} is not writable")
 
 
-# Mistakes a user can make (bad values, missing or unwritable files, a run that diverged) end in one line; anything
-# else (TypeError, KeyError, ...) is a bug in patient and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+# ------------------------------------------------------------------------------------------------- training commands
+
+
+def add_training_args(p: argparse.ArgumentParser, *, data_default: str | None) -> None:
+    """The arguments `patient-train` and `patient-distill` share."""
+    p.add_argument("--config", help="TOML config (keys of patient.engine.Config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    p.add_argument("--data", default=data_default, help="training data: digits | fashion_mnist | image_folder:PATH")
+    p.add_argument("--eval-data", help="labelled evaluation data (the test split of digits / fashion_mnist)")
+    p.add_argument("--workdir", help="checkpoints, history and TensorBoard events; a rerun resumes from here")
+
+
+def training_inputs(args: argparse.Namespace) -> tuple:
+    """`(config, data, eval_data)` from the shared arguments, every check done before any training starts."""
+    from patient.engine import Config, load_config
+    from patient.engine.config import parse_set
+
+    check_output(args.out)
+    overrides = parse_set(args.set)
+    cfg = load_config(args.config, **overrides) if args.config else Config().replace(**overrides)
+    if not args.data:
+        raise ValueError("--data is required: digits, fashion_mnist or image_folder:PATH")
+    data = data_source(args.data, "train")
+    eval_data = data_source(args.eval_data, "test") if args.eval_data else None
+    return cfg, data, eval_data
+
+
+def save_result(out: str, result: DistillResult, cfg: Config, class_names: list[str] | None,
+                seconds: float) -> None:
+    """Write the trained model of a `DistillResult` with its config and metrics, and say so."""
+    from patient.engine.teachers import is_writer
+    from patient.io import save
+
+    if is_writer():  # on several hosts every process ran the same training; process 0 alone writes the file
+        save(out, result.student, result.state, class_names=class_names,
+             meta={"config": cfg.to_toml(), "metrics": result.metrics})
+        print(f"wrote {out} ({seconds:.0f} s)")

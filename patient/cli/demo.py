@@ -23,21 +23,23 @@ STUDENT = dict(mode="fm", steps=1000, batch_size=64, learning_rate=5e-3, log_eve
 def run_demo(out: str = "student.eqx") -> dict:
     import jax
 
-    import patient
     from patient.data import digits
+    from patient.engine import distill
+    from patient.engine import train as train_model
+    from patient.io import load, save
     from patient.models import create
 
     train, test = digits("train"), digits("test")
     t0 = time.perf_counter()
     print(f"[1/3] training a cifar_resnet20 teacher on {len(train)} digits at {RES} px")
     teacher = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=RES)
-    t = patient.train(teacher, train, eval_data=test, **TEACHER)
+    t = train_model(teacher, train, eval_data=test, **TEACHER)
     print(f"[2/3] distilling into mobilenetv3_small_050 with function matching (fm), {STUDENT['steps']} steps")
     student = create("mobilenetv3_small_050", num_classes=10, key=jax.random.key(1), resolution=RES)
-    r = patient.distill((t.student, t.state), student, train, eval_data=test, **STUDENT)
-    patient.save(out, r.student, r.state, class_names=train.class_names,
-                 meta={"demo": True, "metrics": r.metrics, "teacher_top1": t.metrics.get("top1")})
-    patient.load(out)  # prove the file reads back
+    r = distill((t.student, t.state), student, train, eval_data=test, **STUDENT)
+    save(out, r.student, r.state, class_names=train.class_names,
+         meta={"demo": True, "metrics": r.metrics, "teacher_top1": t.metrics.get("top1")})
+    load(out)  # prove the file reads back
     m = r.metrics
     print(f"[3/3] wrote {out}")
     print(f"teacher accuracy {m['teacher_top1']:.1f}%  student accuracy {m['top1']:.1f}%  "

@@ -4,30 +4,30 @@
     patient-eval student.onnx   --data fashion_mnist --limit 2000
     patient-eval student.tflite --data image_folder:photos/         # works without JAX / TensorFlow
 
-Every format is fed the same pixels (`patient.bench.data.render_plain`: the whole image, antialiased bilinear resize to
+Every format is fed the same pixels (`patient.runtime.data.render_plain`: the whole image, antialiased bilinear resize to
 the model's resolution, [0, 1], NCHW). Prints one summary line, then one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .common import Parser, emit_json, fail, run
+
+if TYPE_CHECKING:
+    from patient.data.sources import ArraySource, ImageFolderSource, SubsetSource
+    from patient.runtime.models import Runner
 
 PROG = "patient-eval"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Top-1/top-5 accuracy of a .eqx, .onnx or .tflite model.")
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Top-1/top-5 accuracy of a .eqx, .onnx or .tflite model.")
     p.add_argument("model", help=".eqx / .onnx / .tflite file")
     p.add_argument("--data", required=True, help="digits | fashion_mnist | image_folder:PATH")
     p.add_argument("--split", default="test", help="split of digits / fashion_mnist (default test)")
@@ -39,9 +39,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate(runner, source, *, batch: int = 64, limit: int | None = None) -> dict:
-    """Top-1 / top-5 of `runner` (a `patient.bench.runtime.Runner`) over `source`."""
-    from patient.bench.data import DataError, batches
+def evaluate(runner: Runner, source: ArraySource | ImageFolderSource | SubsetSource, *, batch: int = 64,
+             limit: int | None = None) -> dict:
+    """Top-1 / top-5 of `runner` (a `patient.runtime.models.Runner`) over `source`."""
+    from patient.runtime.data import DataError, batches
 
     k = runner.num_classes
     correct1 = correct5 = n = 0
@@ -60,51 +61,43 @@ def evaluate(runner, source, *, batch: int = 64, limit: int | None = None) -> di
     return {"examples": n, "top1": correct1 / n, "top5": correct5 / n}
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from patient.bench.data import DataError, open_source
-    from patient.bench.runtime import ModelError, open_model
-
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
-        return _fail("--batch and --limit must be at least 1")
+        return fail(PROG, "--batch and --limit must be at least 1")
     if args.resolution is not None and args.resolution < 1:
-        return _fail(f"--resolution must be a positive integer, got {args.resolution}")
+        return fail(PROG, f"--resolution must be a positive integer, got {args.resolution}")
+    return run(PROG, lambda: _eval(args))
+
+
+def _eval(args) -> int:
+    from patient.runtime import open_model, open_source
+
     t0 = time.perf_counter()
-    try:
-        runner = open_model(args.model, threads=args.threads, resolution=args.resolution, batch=None)
-        source = open_source(args.data, args.split)
-        if runner.format == "eqx" and args.resolution is not None:
-            _check_eqx_resolution(runner, args.resolution)
-        result = evaluate(runner, source, batch=args.batch, limit=args.limit)
-    except (ModelError, DataError, FileNotFoundError) as e:
-        return _fail(str(e))
+    runner = open_model(args.model, threads=args.threads, resolution=args.resolution, batch=None)
+    source = open_source(args.data, args.split)
+    if runner.format == "eqx" and args.resolution is not None:
+        _check_eqx_resolution(runner, args.resolution)
+    result = evaluate(runner, source, batch=args.batch, limit=args.limit)
     result = {"model": args.model, "format": runner.format, "quantization": runner.meta.get("quantization", "none"),
               "data": args.data, "split": args.split if not args.data.startswith("image_folder:") else None,
               "resolution": runner.resolution, **result, "seconds": round(time.perf_counter() - t0, 1)}
     print(f"{args.model} ({runner.format}, {result['quantization']}) on {source.name}: {result['examples']} images at "
           f"{runner.resolution} px, top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%")
-    line = json.dumps(result, sort_keys=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit_json(result, args.json)
     return 0
 
 
 def _check_eqx_resolution(runner, resolution: int) -> None:
-    from patient.bench.runtime import ModelError
-    from patient.export.fold import fold
     from patient.export.verify import ExportError, check_resolution
+    from patient.models.fold import fold
+    from patient.runtime.models import ModelError
 
     try:
         check_resolution(fold(runner.model, runner.state), resolution)
     except ExportError as e:
         raise ModelError(str(e)) from None
 
-
-def _fail(msg: str, code: int = 2) -> int:
-    print(f"{PROG}: error: {msg.strip().splitlines()[0] if msg.strip() else 'failed'}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

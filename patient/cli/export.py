@@ -11,23 +11,18 @@ command fails and writes nothing. Bad input gives one line on stderr, exit code 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
+from collections.abc import Sequence
+
+from .common import Parser, emit_json, fail, run
 
 PROG = "patient-export"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Export a patient .eqx model to ONNX or TFLite, verified against JAX.")
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Export a patient .eqx model to ONNX or TFLite, verified against JAX.")
     p.add_argument("model", help="the .eqx file (patient.save)")
     p.add_argument("--to", required=True, help="onnx | tflite")
     p.add_argument("-o", "--output", help="destination (default: next to the model, .onnx / .tflite)")
@@ -49,45 +44,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.to not in ("onnx", "tflite"):
-        return _fail(f"unknown --to {args.to!r}; use onnx or tflite")
+        return fail(PROG, f"unknown --to {args.to!r}; use onnx or tflite")
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
-        return _fail(f"--tolerance {args.tolerance} must be a finite number >= 0 (a max abs logit difference)")
+        return fail(PROG, f"--tolerance {args.tolerance} must be a finite number >= 0 (a max abs logit difference)")
     if args.min_agreement is not None and not (0.0 <= args.min_agreement <= 1.0):
-        return _fail(f"--min-agreement {args.min_agreement} must be between 0 and 1 (a fraction of images)")
+        return fail(PROG, f"--min-agreement {args.min_agreement} must be between 0 and 1 (a fraction of images)")
     if args.quantize not in ("none", "fp16", "int8"):
-        return _fail(f"unknown --quantize {args.quantize!r}; use none, fp16 (tflite) or int8")
+        return fail(PROG, f"unknown --quantize {args.quantize!r}; use none, fp16 (tflite) or int8")
     if args.quantize == "fp16" and args.to == "onnx":
-        return _fail("--quantize fp16 is a TFLite option; ONNX exports fp32 or int8")
+        return fail(PROG, "--quantize fp16 is a TFLite option; ONNX exports fp32 or int8")
     if args.quantize == "int8" and not args.calibration:
-        return _fail("--quantize int8 needs calibration images: add --calibration digits, fashion_mnist or "
-                     "image_folder:PATH")
+        return fail(PROG, "--quantize int8 needs calibration images: add --calibration digits, fashion_mnist or "
+                          "image_folder:PATH")
     if args.ort_nchwc and args.to != "onnx":
-        return _fail("--ort-nchwc shapes ONNX graphs; it does not apply to --to tflite")
+        return fail(PROG, "--ort-nchwc shapes ONNX graphs; it does not apply to --to tflite")
     if args.batch < 1:
-        return _fail(f"--batch must be at least 1, got {args.batch}")
-    from patient.bench.data import DataError
-    from patient.export.verify import ExportError
+        return fail(PROG, f"--batch must be at least 1, got {args.batch}")
+    return run(PROG, lambda: _export(args))
 
+
+def _export(args) -> int:
     kwargs = dict(batch=args.batch, dynamic_batch=args.dynamic_batch, resolution=args.resolution,
                   quantize=args.quantize, calibration=args.calibration, calibration_size=args.calibration_size,
                   verify_data=args.verify_data, verify_size=args.verify_size, tolerance=args.tolerance,
                   min_agreement=args.min_agreement)
     t0 = time.perf_counter()
-    try:
-        if args.to == "onnx":
-            from patient.export.onnx import to_onnx
+    if args.to == "onnx":
+        from patient.export.onnx import to_onnx
 
-            report = to_onnx(args.model, args.output, opset=args.opset, keep_int8=args.keep_int8,
-                             ort_nchwc=args.ort_nchwc, log=print, **kwargs)
-        else:
-            from patient.export.tflite import to_tflite
+        report = to_onnx(args.model, args.output, opset=args.opset, keep_int8=args.keep_int8,
+                         ort_nchwc=args.ort_nchwc, log=print, **kwargs)
+    else:
+        from patient.export.tflite import to_tflite
 
-            report = to_tflite(args.model, args.output, keep_int8=args.keep_int8, log=print, **kwargs)
-    except (ExportError, DataError, FileNotFoundError) as e:
-        return _fail(str(e), code=1 if str(e).startswith("verification failed") else 2)
+        report = to_tflite(args.model, args.output, keep_int8=args.keep_int8, log=print, **kwargs)
     v = report["verification"]
     print(f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB, {report['model']}, {report['resolution']} px, "
           f"batch {report['batch']}, quantization: {report['quantization']})")
@@ -96,13 +89,9 @@ def main(argv=None) -> int:
     print(f"verified on {v['images']} {v['data']} images against JAX: max abs logit diff {v['max_abs_diff']:.2e}, "
           f"top-1 agreement {v['top1_agreement']:.1%}")
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(report, sort_keys=True, default=str))
+    emit_json(report)
     return 0
 
-
-def _fail(msg: str, code: int = 2) -> int:
-    print(f"{PROG}: error: {msg.strip().splitlines()[0] if msg.strip() else 'failed'}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -1,57 +1,52 @@
 """`patient-train`: supervised training of a registry model (teachers, no-distillation baselines).
 
-    patient-train --model cifar_resnet20 --data digits --eval-data digits --set steps=300 --set resolution=16 \\
+    patient-train --model cifar_resnet20 --resolution 16 --data digits --eval-data digits --set steps=300 \\
                   --out teacher.eqx
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from collections.abc import Sequence
 
-from .common import USER_ERRORS, check_output, data_source, fail
+from .common import Parser, add_training_args, run, save_result, training_inputs
 
 PROG = "patient-train"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="Supervised training with patient's loop.")
-    p.add_argument("--model", required=True, help="registry name or .eqx file to continue from")
-    p.add_argument("--resolution", type=int, default=0, help="input resolution for a registry model")
-    p.add_argument("--config", help="TOML config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data", default="digits")
-    p.add_argument("--eval-data")
-    p.add_argument("--workdir")
-    p.add_argument("--out", default="model.eqx")
-    args = p.parse_args(argv)
-    try:
-        import jax
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Supervised training with patient's loop.")
+    p.add_argument("--model", required=True, help="registry name, or an .eqx file to continue from")
+    p.add_argument("--resolution", type=int, default=0, help="input resolution of a registry model (default: its own)")
+    add_training_args(p, data_default="digits")
+    p.add_argument("--out", default="model.eqx", help="where to write the trained model")
+    return p
 
-        import patient
-        from patient.engine import Config, load_config
-        from patient.engine.config import parse_set
-        from patient.models import create, list_models
 
-        check_output(args.out)
-        overrides = parse_set(args.set)
-        cfg = load_config(args.config, **overrides) if args.config else Config().replace(**overrides)
-        data = data_source(args.data, "train")
-        eval_data = data_source(args.eval_data, "test") if args.eval_data else None
-        if args.model in list_models():
-            model = create(args.model, num_classes=data.num_classes, key=jax.random.key(cfg.seed),
-                           resolution=args.resolution or None)
-        else:
-            model = args.model
-        t0 = time.perf_counter()
-        result = patient.train(model, data, eval_data=eval_data, config=cfg, workdir=args.workdir)
-        patient.save(args.out, result.student, result.state, class_names=data.class_names,
-                     meta={"config": cfg.to_toml(), "metrics": result.metrics})
-        print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
-        return 0
-    except USER_ERRORS as e:
-        return fail(PROG, e)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run(PROG, lambda: _train(args))
+
+
+def _train(args) -> int:
+    import jax
+
+    from patient.engine import train
+    from patient.models import create, list_models
+
+    if args.resolution < 0:
+        raise ValueError(f"--resolution must be a positive integer, got {args.resolution}")
+    cfg, data, eval_data = training_inputs(args)
+    if args.model in list_models():
+        model = create(args.model, num_classes=data.num_classes, key=jax.random.key(cfg.seed),
+                       resolution=args.resolution or None)
+    else:
+        model = args.model
+    t0 = time.perf_counter()
+    result = train(model, data, eval_data=eval_data, config=cfg, workdir=args.workdir)
+    save_result(args.out, result, cfg, data.class_names, time.perf_counter() - t0)
+    return 0
 
 
 if __name__ == "__main__":

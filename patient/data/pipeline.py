@@ -308,7 +308,7 @@ def fixed_teacher_views(
     batch_size: int = 64,
     channels: int = 3,
     crop_area: tuple[float, float] = _views.INCEPTION_AREA,
-):
+) -> grain.DatasetIterator:
     """The teacher's fixed views of every example once, in source order, for precomputing a `fix/*` logit cache.
 
     `fix/rs`: K=1 plain resize. `fix/cc`: K=1 centre crop (0.875). `fix/ic_ens`: K=`crops` inception crops with

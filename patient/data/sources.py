@@ -13,9 +13,20 @@ import os
 import pathlib
 import struct
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class DataSource(Protocol):
+        """What every source here is (and what the engine and `patient.runtime` read): `len(source)`, and
+        `source[i]` is `{"image": uint8 (H, W, C), "label": int}`."""
+
+        def __len__(self) -> int: ...
+
+        def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 __all__ = [
     "ArraySource",
@@ -315,7 +326,8 @@ class _TfdsSource:
         return {"image": image, "label": label}
 
 
-def tfds(name: str, split: str, *, data_dir: str | None = None, image_key: str = "image", label_key: str = "label"):
+def tfds(name: str, split: str, *, data_dir: str | None = None, image_key: str = "image",
+         label_key: str = "label") -> _TfdsSource:
     """A TensorFlow Datasets data set as a random-access source (`tfds.data_source`, needs the ArrayRecord format).
 
     `tensorflow_datasets` is imported only here; install it with `pip install tensorflow-datasets` and prepare the

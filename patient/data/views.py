@@ -214,7 +214,7 @@ def _draw(kind: str, rng: np.random.Generator, height: int, width: int, area=INC
 
 
 def fixed_teacher_crops(seed: int, index: int, height: int, width: int, crops: int,
-                        area=INCEPTION_AREA) -> list[ViewParams]:
+                        area: tuple[float, float] = INCEPTION_AREA) -> list[ViewParams]:
     """The `crops` inception crops (with random flips) of `fix/ic_ens` for example `index` of the source.
 
     They depend only on `(seed, index)`, never on epoch, shuffling or sharding, so the precomputed cache and the
@@ -226,7 +226,7 @@ def fixed_teacher_crops(seed: int, index: int, height: int, width: int, crops: i
 
 def draw_views(
     mode: str, rng: np.random.Generator, height: int, width: int, *, index: int = 0, seed: int = 0,
-    area: tuple[float, float] = None,
+    area: tuple[float, float] | None = None,
 ) -> tuple[ViewParams, ViewParams]:
     """Draw `(student, teacher)` view params for one `height x width` image under `mode`.
 

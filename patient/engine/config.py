@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -82,7 +83,7 @@ class Config:
     def __post_init__(self):
         _check(self)
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         unknown = sorted(set(changes) - set(FIELDS))
         if unknown:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
@@ -170,7 +171,7 @@ def _check(c: Config) -> None:
     need(c.fix_crops <= 1024 and c.num_workers <= 256, "fix_crops must be at most 1024 and num_workers at most 256")
 
 
-def load_config(path, **overrides) -> Config:
+def load_config(path: str | os.PathLike, **overrides: Any) -> Config:
     """Read a TOML file (keys at top level or under `[distill]`), apply `overrides`, and check everything."""
     path = Path(path)
     if not path.is_file():

@@ -131,7 +131,7 @@ class HintRegressor(eqx.Module):
     weight: Array  # (C_t, C_s)
     bias: Array  # (C_t,)
 
-    def __init__(self, in_channels: int, out_channels: int, *, key):
+    def __init__(self, in_channels: int, out_channels: int, *, key: Array | None):
         rng = host_rng(key)
         bound = 1.0 / math.sqrt(in_channels)
         self.weight = jnp.asarray(rng.uniform(-bound, bound, (out_channels, in_channels)).astype(np.float32))
@@ -271,7 +271,7 @@ class Projector(eqx.Module):
 
     weight: Array  # (D_t, D_s)
 
-    def __init__(self, in_features: int, out_features: int, *, key):
+    def __init__(self, in_features: int, out_features: int, *, key: Array | None):
         bound = 1.0 / math.sqrt(in_features)
         w = host_rng(key).uniform(-bound, bound, (out_features, in_features)).astype(np.float32)
         self.weight = jnp.asarray(w)
@@ -319,6 +319,7 @@ def check_feature_shapes(student_feats_shapes: Mapping, teacher_feats_shapes: Ma
     """Validate a method's stage pairing before anything is compiled; raise one ValueError listing every problem.
 
     **Arguments:**
+
     - `student_feats_shapes`, `teacher_feats_shapes`: `{name: shape}` including the batch axis (tuples, or the
       `ShapeDtypeStruct`s of `jax.eval_shape` over `patient.models.apply`).
     - `pairs`: for "fitnets", "at", "nst", "srd" a list of `(student_name, teacher_name)` (a bare name means the same

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 
-def teacher_probs(logits_list, temperature: float) -> jax.Array:
+def teacher_probs(logits_list: Sequence[jax.Array], temperature: float) -> jax.Array:
     """Ensemble prediction: the mean of the teachers' probabilities at `temperature` (not of their logits).
 
     **Arguments:** `logits_list`: a list of f32[B, K] (several teachers, or one teacher at several resolutions).
     **Returns:** f32[B, K], rows summing to one.
     """
-    probs = [jax.nn.softmax(l.astype(jnp.float32) / temperature, axis=-1) for l in logits_list]
+    probs = [jax.nn.softmax(z.astype(jnp.float32) / temperature, axis=-1) for z in logits_list]
     return sum(probs) / len(probs)
 
 

@@ -9,6 +9,9 @@ several hosts after `jax.distributed.initialize()`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,9 @@ from .config import Config
 from .losses import kl_divergence, soft_cross_entropy, teacher_probs
 from .teachers import teacher_logits
 
+if TYPE_CHECKING:
+    from .teachers import ModelPair
+
 
 class TrainState(eqx.Module):
     """Everything that changes during training (and is checkpointed). The teacher is not in it."""
@@ -35,12 +41,12 @@ class TrainState(eqx.Module):
     key: jax.Array  # raw uint32 key data (checkpoint-friendly)
 
 
-def kernel_mask(params):
+def kernel_mask(params: Any) -> Any:
     """True for kernels (ndim >= 2): decoupled weight decay skips biases and norm scales."""
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def make_schedule(cfg: Config, total_steps: int):
+def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
     warm = int(cfg.warmup_fraction * total_steps)
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warm, max(total_steps, warm + 1), 0.0)
@@ -71,13 +77,15 @@ def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
-def make_mesh(devices=None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A one-axis mesh, `"data"`, over `devices` (default: every device of every host)."""
     return Mesh(np.asarray(jax.devices() if devices is None else devices).reshape(-1), ("data",))
 
 
-def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised: bool, use_cache: bool,
-              mix: bool, resolutions=(), total_steps: int | None = None):
+def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.GradientTransformation, *, mesh: Mesh,
+              supervised: bool, use_cache: bool, mix: bool, resolutions: Sequence[int] = (),
+              total_steps: int | None = None,
+              ) -> Callable[[TrainState, dict[str, Any], list[ModelPair]], tuple[TrainState, dict[str, jax.Array]]]:
     """Build `step(train_state, batch, teachers) -> (train_state, metrics)`, jitted for `mesh`.
 
     `batch` holds `"student"`, `"teacher"` (omitted with a cache), `"label"` and, for fixed teachers,
@@ -161,12 +169,13 @@ def make_step(cfg: Config, student_static, optimizer, *, mesh: Mesh, supervised:
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
-def parse_pairs(pairs) -> list:
+def parse_pairs(pairs: Sequence[str]) -> list[str | tuple[str, str]]:
     """Config strings -> feature pairs: "stage3" (same name on both sides) or "stage3:stage4" (student:teacher)."""
     return [tuple(p.split(":", 1)) if ":" in p else p for p in pairs]
 
 
-def feature_loss(cfg: Config, aux, s_feats, t_feats):
+def feature_loss(cfg: Config, aux: Sequence[eqx.Module], s_feats: Mapping[str, jax.Array],
+                 t_feats: Mapping[str, jax.Array]) -> jax.Array | float:
     """The configured feature method, summed over its pairs (aux holds FitNets regressors / the SRD projector)."""
     from . import feature_losses as fl
 
@@ -187,7 +196,9 @@ def feature_loss(cfg: Config, aux, s_feats, t_feats):
     return total
 
 
-def make_eval_fn(student_static, *, resolutions=()):
+def make_eval_fn(student_static: eqx.Module, *, resolutions: Sequence[int] = (),
+                 ) -> tuple[Callable[[Any, dict[str, Any], jax.Array], jax.Array],
+                            Callable[[Sequence[ModelPair], jax.Array], jax.Array]]:
     """Jitted evaluation forwards: student logits on its view, teacher probabilities (T=1) on the teacher's view."""
 
     @jax.jit
@@ -201,7 +212,8 @@ def make_eval_fn(student_static, *, resolutions=()):
     return student_logits, teacher_p
 
 
-def init_state(params, model_state, optimizer, seed: int, aux=()) -> TrainState:
+def init_state(params: Any, model_state: dict[str, Any], optimizer: optax.GradientTransformation, seed: int,
+               aux: Sequence[eqx.Module] = ()) -> TrainState:
     """Step 0. `params` are the student's arrays; `aux` the auxiliary modules (regressors, projectors) trained with it."""
     params = (params, list(aux))
     return TrainState(jnp.asarray(0, jnp.int32), params, model_state, optimizer.init(params),

@@ -8,25 +8,41 @@ data set (averaged over K inception crops for `fix/ic_ens`) and cached, in memor
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from patient._files import write_atomic
 from patient.models.registry import apply, spec_of
 
 from .losses import teacher_probs
 
+if TYPE_CHECKING:
+    import keras
+    from jax.typing import DTypeLike
+
+    from patient.data.sources import DataSource
+
+    ModelPair = tuple[eqx.Module, dict[str, Any]]  # a model and its state (BatchNorm statistics, Keras variables)
+    ModelLike = ModelPair | str | Path | keras.Model  # a pair, an .eqx path, a registry name or a Keras model
+    TeacherLike = ModelLike | list[ModelLike]  # a list is an ensemble
+    DataLike = DataSource | np.ndarray | tuple[np.ndarray, np.ndarray]  # a source, images, or (images, labels)
+    _Tree = TypeVar("_Tree")
+
 # Counted by `fixed_teacher_cache` so tests can prove the cache is computed once, not per epoch.
-STATS = {"cache_builds": 0, "cache_forward_examples": 0}
 
 
-def resolve_model(obj, *, role: str, num_classes: int | None, key):
+def resolve_model(obj: ModelLike, *, role: str, num_classes: int | None, key: jax.Array | None) -> ModelPair:
     """A `(model, state)` pair, an `.eqx` path, a registry name or a Keras model -> `(model, state)`."""
-    import patient
+    from patient.io import load
     from patient.models import create
     from patient.models.keras_interop import from_keras, is_keras_model
 
@@ -42,7 +58,7 @@ def resolve_model(obj, *, role: str, num_classes: int | None, key):
             if not Path(text).is_file():
                 raise FileNotFoundError(f"{role} file {text} not found; pass an existing .eqx path, a (model, state) "
                                         "pair or a registry name")
-            model, state, _ = patient.load(text)
+            model, state, _ = load(text)
             return model, state
         if num_classes is None:
             raise ValueError(f"{role}={text!r}: building a registry model needs labelled data to know the class count")
@@ -56,12 +72,13 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def cast_floating(tree, dtype):
+def cast_floating(tree: _Tree, dtype: DTypeLike) -> _Tree:
     """Copy of `tree` with floating arrays cast to `dtype` (the teacher in bfloat16 halves its memory traffic)."""
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
 
 
-def teacher_logits(teachers, images, resolutions=(), *, with_features=False):
+def teacher_logits(teachers: Sequence[ModelPair], images: jax.Array, resolutions: Sequence[int] = (), *,
+                   with_features: bool = False) -> list[jax.Array] | tuple[list[jax.Array], dict[str, jax.Array]]:
     """Logits of every teacher (and of each extra resolution) on a batch; a list of f32[B, K].
 
     `teachers` is a list of `(model, state)`; `resolutions` re-renders the (already augmented) view at other sizes on
@@ -103,8 +120,10 @@ def _cache_key(teachers, source, *settings) -> str:
     return h.hexdigest()[:24]
 
 
-def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temperature, batch_size, channels,
-                        resolutions=(), workdir=None, progress=False, crop_area=(0.05, 1.0)) -> np.ndarray:
+def fixed_teacher_cache(teachers: Sequence[ModelPair], source: DataSource, *, mode: str,
+                        resolution: int | tuple[int, int], crops: int, seed: int, temperature: float, batch_size: int,
+                        channels: int, resolutions: Sequence[int] = (), workdir: str | os.PathLike | None = None,
+                        progress: bool = False, crop_area: tuple[float, float] = (0.05, 1.0)) -> np.ndarray:
     """Teacher probabilities at `temperature` for every example of `source` under a `fix/*` mode: f32[N, K].
 
     For `fix/ic_ens` the probabilities are the mean over `crops` fixed inception crops (and over teachers). With a
@@ -126,7 +145,6 @@ def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temp
         p = teacher_probs(teacher_logits(teachers, flat, resolutions), temperature)
         return p.reshape(b, k, -1).mean(axis=1)
 
-    STATS["cache_builds"] += 1
     out = None
     it = fixed_teacher_views(source, mode=mode, resolution=resolution, crops=crops, seed=seed,
                              batch_size=batch_size, channels=channels, crop_area=crop_area)
@@ -139,16 +157,15 @@ def fixed_teacher_cache(teachers, source, *, mode, resolution, crops, seed, temp
             if out is None:
                 out = np.zeros((n, p.shape[-1]), np.float32)
             out[idx] = p[mask]
-            STATS["cache_forward_examples"] += int(mask.sum()) * batch["teacher"].shape[1]
             bar.update(int(mask.sum()))
     finally:
         bar.close()
         if hasattr(it, "close"):
             it.close()
     if path is not None and is_writer():  # every process computed the same values; one writes them
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+        buf = io.BytesIO()
+        np.save(buf, out, allow_pickle=False)
+        write_atomic(path, buf.getvalue())
     return out
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
@@ -16,12 +18,17 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from patient._files import write_atomic
 from patient.data.views import mode_info
 from patient.models.registry import spec_of, with_resolution
 
 from .config import Config, ConfigError
 from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
 from .teachers import cast_floating, fixed_teacher_cache, is_writer, resolve_model
+from .workdir import Checkpoints, History, check_same_run
+
+if TYPE_CHECKING:
+    from .teachers import DataLike, ModelLike, TeacherLike
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,11 +108,13 @@ def _config(config, overrides) -> Config:
     return config.replace(**overrides) if overrides else config
 
 
-def distill(teacher, student, data, *, eval_data=None, config=None, workdir=None, devices=None,
-            **overrides) -> DistillResult:
+def distill(teacher: TeacherLike, student: ModelLike, data: DataLike, *, eval_data: DataLike | None = None,
+            config: Config | str | Path | None = None, workdir: str | os.PathLike | None = None,
+            devices: Sequence[jax.Device] | None = None, **overrides: Any) -> DistillResult:
     """Distil `teacher` into `student` on `data` with the paper's function matching (by default).
 
     **Arguments:**
+
     - `teacher`: a `(model, state)` pair, an `.eqx` path or a registry name; a list of those is an ensemble (the mean
       of their probabilities).
     - `student`: the same kinds (a registry name builds a fresh model with the data's class count).
@@ -127,7 +136,9 @@ def distill(teacher, student, data, *, eval_data=None, config=None, workdir=None
                 devices=devices)
 
 
-def train(model, data, *, eval_data=None, config=None, workdir=None, devices=None, **overrides) -> DistillResult:
+def train(model: ModelLike, data: DataLike, *, eval_data: DataLike | None = None,
+          config: Config | str | Path | None = None, workdir: str | os.PathLike | None = None,
+          devices: Sequence[jax.Device] | None = None, **overrides: Any) -> DistillResult:
     """Supervised training (cross-entropy with optional label smoothing; mixup when `mode="fm"`), with the same loop,
     checkpoints and evaluation as `distill`. The augmentation is the student view of `mode` (default `fm`: inception
     crop, flip and mixup). Use it for teachers and for no-distillation baselines."""
@@ -181,9 +192,9 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     workdir = Path(workdir) if workdir is not None else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        _check_same_run(workdir, cfg)
+        check_same_run(workdir, cfg)
         if is_writer():  # one writer; every process checks the run it resumes
-            (workdir / "config.toml").write_text(cfg.to_toml())
+            write_atomic(workdir / "config.toml", cfg.to_toml())
     use_cache = info.fixed and not supervised
     cache = None
     if use_cache:
@@ -208,19 +219,14 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                   num_workers=cfg.num_workers, shard=(jax.process_index(), n_proc), channels=cfg.channels,
                   crop_area=(cfg.crop_area_min, 1.0))
     it = iter(ds)
-    ckpt = _Checkpoints(workdir, cfg) if workdir is not None else None
-    tb = None
-    if workdir is not None and is_writer():
-        from .tensorboard import EventWriter
-
-        tb = EventWriter(workdir / "tensorboard")
-    history = []
+    ckpt = Checkpoints(workdir, cfg) if workdir is not None else None
     if ckpt is not None and ckpt.latest() is not None:
         ts, data_state = ckpt.restore(ts)
         ts = jax.device_put(ts, replicated)
         it.set_state(data_state)
-        history = _read_history(workdir, int(ts.step))
     start = int(ts.step)
+    history = History(workdir)
+    history.start(start)
     student_eval, teacher_eval = make_eval_fn(static, resolutions=cfg.teacher_resolutions)
     bar = _progress(total, start, cfg.progress, "distill" if not supervised else "train")
     t0, metrics = time.perf_counter(), {}
@@ -253,22 +259,19 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                 window_t, window_n = now, 0
                 row = {"step": done, **{k_: float(v) for k_, v in m.items()}, "images_per_s": rate}
                 history.append(row)
-                _append_history(workdir, row, tb)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
             bar.update(1)
             paused = time.perf_counter()  # evaluation and checkpoint time stay out of images_per_s
             if eval_source is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
                 ev = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
                 history.append({"step": done, **{f"eval_{k_}": v for k_, v in ev.items()}})
-                _append_history(workdir, history[-1], tb)
             if checkpointing:
                 ckpt.save(done, ts, it.get_state())
             window_t += time.perf_counter() - paused
         if ckpt is not None and ckpt.latest() != total:
             ckpt.save(total, ts, it.get_state())
     except BaseException:
-        if tb is not None:
-            tb.close()
+        history.close()
         raise
     finally:
         bar.close()
@@ -279,14 +282,12 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     if eval_source is not None:
         metrics = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
         history.append({"step": total, **{f"eval_{k_}": v for k_, v in metrics.items()}})
-        _append_history(workdir, history[-1], tb)
         if cfg.progress:
             print(_summary(metrics, total, time.perf_counter() - t0, supervised))
-    if tb is not None:
-        tb.close()
+    history.close()
     model = eqx.combine(jax.device_get(ts.params[0]), static)  # auxiliary modules stay behind: never exported
     model = with_resolution(model, s_res)  # files written from it default to the size it was trained at
-    return DistillResult(model, jax.device_get(ts.model_state), history, metrics, workdir)
+    return DistillResult(model, jax.device_get(ts.model_state), history.rows, metrics, workdir)
 
 
 def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) -> list:
@@ -395,25 +396,6 @@ def _summary(m: dict, steps: int, seconds: float, supervised: bool) -> str:
     return "\n".join([title, "-" * (w + 12)] + [f"{a:<{w}}  {b:>9}" for a, b in rows])
 
 
-def _append_history(workdir, row, tb=None):
-    if workdir is not None and is_writer():
-        with open(workdir / "history.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    if tb is not None:
-        tb.scalars(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
-
-
-def _read_history(workdir, upto: int) -> list:
-    path = workdir / "history.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["step"] <= upto]
-    if is_writer():  # one writer: every process reads, process 0 alone rewrites
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop lines of steps that will be replayed
-    return rows
-
-
 def _progress(total, start, enabled, desc):
     import sys
 
@@ -424,77 +406,8 @@ def _progress(total, start, enabled, desc):
                 mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
-# Keys a rerun may change and still resume the same run: the length of the run (cosine then ends later) and how it is
-# observed or read (Grain's per-index randomness makes the batches independent of the worker count).
-RESUMABLE_KEYS = ("steps", "epochs", "log_every", "eval_every", "eval_batch_size", "checkpoint_every",
-                  "keep_checkpoints", "progress", "num_workers")
-
-
-def _check_same_run(workdir: Path, cfg: Config) -> None:
-    """A workdir with checkpoints belongs to one run: resuming it with another config would silently return the old
-    run's weights under the new config's name. Refuse, naming the keys that differ, before any work."""
-    from .config import load_config
-
-    old_path, ckpts = workdir / "config.toml", workdir / "checkpoints"
-    if not old_path.is_file() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
-        return
-    try:
-        old = load_config(old_path)
-    except ConfigError as e:
-        raise ConfigError(f"workdir {workdir} holds a run whose config.toml cannot be read ({e}); use a new workdir "
-                          f"or delete {workdir} to start over") from None
-    differ = [f"{f.name} ({getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r})" for f in dataclasses.fields(cfg)
-              if f.name not in RESUMABLE_KEYS and getattr(old, f.name) != getattr(cfg, f.name)]
-    if differ:
-        raise ConfigError(f"workdir {workdir} holds a run with another config: {', '.join(differ)}; resume with the "
-                          f"same config (only {', '.join(RESUMABLE_KEYS)} may change), or use a new workdir, or "
-                          f"delete {workdir} to start over")
-
-
-class _Checkpoints:
-    """Orbax checkpoints of the train state (by tree path) and the Grain iterator state, atomic, last K kept."""
-
-    def __init__(self, workdir: Path, cfg: Config):
-        import orbax.checkpoint as ocp
-
-        self.dir = (workdir / "checkpoints").absolute()
-        self._ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
-
-    @staticmethod
-    def _flat(ts):
-        return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(ts)[0]}
-
-    def latest(self):
-        return self.manager.latest_step()
-
-    def save(self, step, ts, data_state):
-        ocp = self._ocp
-        state = {"data": data_state if isinstance(data_state, dict) else {"bytes": data_state.decode("latin1")}}
-        self.manager.save(step, args=ocp.args.Composite(
-            train=ocp.args.StandardSave(self._flat(jax.device_get(ts))), data=ocp.args.JsonSave(state)))
-        self.manager.wait_until_finished()
-
-    def restore(self, ts: TrainState):
-        ocp = self._ocp
-        step = self.manager.latest_step()
-        target = self._flat(jax.device_get(ts))
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            train=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        flat, treedef = jax.tree_util.tree_flatten_with_path(ts)
-        leaves = [np.asarray(out["train"][jax.tree_util.keystr(p)]) for p, _ in flat]
-        data = out["data"]["data"]
-        if isinstance(data, dict) and set(data) == {"bytes"}:
-            data = data["bytes"].encode("latin1")
-        return jax.tree_util.tree_unflatten(treedef, leaves), data
-
-    def close(self):
-        self.manager.close()
-
-
-def evaluate(student, data, *, teacher=None, resolution: int = 0, teacher_resolution: int = 0,
-             batch_size: int = 256, channels: int = 3, relabel: bool = False) -> dict:
+def evaluate(student: ModelLike, data: DataLike, *, teacher: ModelLike | None = None, resolution: int = 0,
+             teacher_resolution: int = 0, batch_size: int = 256, channels: int = 3, relabel: bool = False) -> dict:
     """Top-1/top-5 of `student` on labelled `data` (and, with a `teacher`, teacher top-1, agreement and KL at T=1).
 
     `student` and `teacher` are `(model, state)` pairs or `.eqx` paths; resolutions default to the student's spec.

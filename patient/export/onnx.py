@@ -21,19 +21,30 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import pathlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from patient._files import write_atomic
+
 from . import verify as V
-from .fold import fold
+
+if TYPE_CHECKING:
+    import onnx
+
+    from patient.models.fold import FoldedNet
+
+    from .verify import SourceLike
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23
 
 
-def convert(net, *, batch: int | None, resolution: int, opset: int = DEFAULT_OPSET, ort_nchwc: bool = False):
+def convert(net: FoldedNet, *, batch: int | None, resolution: int, opset: int = DEFAULT_OPSET,
+            ort_nchwc: bool = False) -> onnx.ModelProto:
     """The folded network as a checked `onnx.ModelProto`: input `images` f32[B, 3, R, R], output `logits` f32[B, K].
 
     `ort_nchwc=True` writes squeeze-excite products as `Mul(x, Resize(s))` (see `tidy`)."""
@@ -51,10 +62,10 @@ def convert(net, *, batch: int | None, resolution: int, opset: int = DEFAULT_OPS
     return model
 
 
-def add_metadata(model, meta: dict[str, str]) -> None:
+def add_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
     import onnx
 
-    from patient import __version__
+    from patient._version import __version__
 
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, meta)
@@ -64,14 +75,17 @@ def add_metadata(model, meta: dict[str, str]) -> None:
                         f"(NCHW) -> logits; see metadata_props")
 
 
-def to_onnx(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, resolution: int | None = None,
+def to_onnx(src: SourceLike, output: str | os.PathLike | None = None, *, batch: int = 1,
+            dynamic_batch: bool = False, resolution: int | None = None,
             quantize: str = "none", calibration: str | None = None, calibration_size: int = 128,
             opset: int = DEFAULT_OPSET, verify_data: str = "digits", verify_size: int = 32,
             tolerance: float | None = None, min_agreement: float | None = None, keep_int8: bool = False,
-            ort_nchwc: bool = False, class_names=None, log=None) -> dict[str, Any]:
+            ort_nchwc: bool = False, class_names: list[str] | None = None,
+            log: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Export a patient model to ONNX, verified against JAX.
 
     **Arguments:**
+
     - `src`: path to a `.eqx` file, or a `(model, state)` pair.
     - `output`: destination (default: next to `src`, `.onnx`, `.int8.onnx` for int8).
     - `batch` / `dynamic_batch`: fixed batch size (default 1), or a symbolic batch dimension.
@@ -91,21 +105,13 @@ def to_onnx(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, re
     quantize = quantize or "none"
     if quantize not in ("none", "int8"):
         raise V.ExportError(f"ONNX export quantises to none or int8, not {quantize!r} (fp16 is a TFLite option)")
-    if quantize == "int8" and not calibration:
-        raise V.ExportError("--quantize int8 needs calibration images: pass --calibration digits, fashion_mnist or "
-                            "image_folder:PATH")
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise V.ExportError(f"opset must be {MIN_OPSET}..{MAX_OPSET} (jax2onnx writes ReduceMean with axes as an "
                             f"input, an opset-18 form), got {opset!r}")
-    if not dynamic_batch and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise V.ExportError(f"batch must be a positive integer, got {batch!r}")
-    source = V.open_eqx(src, class_names)
-    net = fold(source.model, source.state)
-    res = V.check_resolution(net, source.spec.resolution if resolution is None else resolution)
-    fixed = None if dynamic_batch else batch
-
-    x = V.images(verify_data, verify_size, res)
-    calib = V.images(calibration, calibration_size, res, split="train") if quantize == "int8" else None
+    job = V.prepare(src, class_names=class_names, batch=batch, dynamic_batch=dynamic_batch, resolution=resolution,
+                    quantize=quantize, calibration=calibration, calibration_size=calibration_size,
+                    verify_data=verify_data, verify_size=verify_size)
+    source, net, res, fixed, x, calib = (job.source, job.net, job.resolution, job.batch, job.images, job.calibration)
     model = convert(net, batch=fixed, resolution=res, opset=opset, ort_nchwc=ort_nchwc)
     ref = V.reference_logits(source, x)
     report: dict[str, Any] = {"format": "onnx", "model": net.name, "resolution": res,
@@ -128,14 +134,14 @@ def to_onnx(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, re
     meta["graph"] = "ort-nchwc (squeeze-excite Mul over Resize)" if ort_nchwc else "portable"
     add_metadata(model, meta)
     data = model.SerializeToString()
-    from patient.bench.runtime import OnnxRunner
+    from patient.runtime.models import OnnxRunner
 
     got = OnnxRunner(content=data).predict(x)
     result = V.compare(ref, got, kind=kind, tolerance=tolerance, min_agreement=min_agreement)
     result["data"] = verify_data
     model.metadata_props.add(key="verification", value=json.dumps(result, sort_keys=True))
     data = model.SerializeToString()
-    V.write_atomic(out, data)
+    write_atomic(out, data)
     report.update(path=str(out), bytes=len(data), quantization=quant_label, verification=result)
     return report
 
@@ -143,7 +149,7 @@ def to_onnx(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, re
 # ------------------------------------------------------------------------------------------------- graph tidying
 
 
-def op_counts(model) -> dict[str, int]:
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.node))
 
 
@@ -170,7 +176,7 @@ def _attr(node, name, default=None):
     return default
 
 
-def tidy(model, ort_nchwc: bool = False) -> None:
+def tidy(model: onnx.ModelProto, ort_nchwc: bool = False) -> None:
     """Rewrite jax2onnx's patterns into plain ONNX (see the module docstring), in place.
 
     With `ort_nchwc`, every `Mul(x f32[N, C, H, W], s f32[N, C, 1, 1])` (MobileNetV3's squeeze-excite) becomes
@@ -206,8 +212,17 @@ def _rewrite_once(graph) -> bool:
     def only_feeds(name, node):
         return name not in outputs and len(consumers[name]) == 1 and consumers[name][0] is node
 
+    def fed_by(add, op_type):
+        """(producer, constant) for each way `add` sums a constant with the output of an `op_type` it alone reads."""
+        for a, b in ((0, 1), (1, 0)):
+            prod = producers.get(add.input[a])
+            if prod is not None and prod.op_type == op_type and only_feeds(prod.output[0], add):
+                c = _const(graph, producers, add.input[b])
+                if c is not None:
+                    yield prod, c
+
     nodes = list(graph.node)
-    for pos, n in enumerate(nodes):
+    for n in nodes:
         # ReduceMean over the spatial axes of an NCHW tensor  ==>  GlobalAveragePool (+ Flatten without keepdims)
         if n.op_type == "ReduceMean":
             axes = _const(graph, producers, n.input[1]) if len(n.input) > 1 and n.input[1] else _attr(n, "axes")
@@ -249,13 +264,9 @@ def _rewrite_once(graph) -> bool:
             return True
         # Conv(x, w) -> Add(., c) with c of shape (1, O, 1, 1)  ==>  Conv(x, w, c.reshape(O))
         if n.op_type == "Add":
-            for a, b in ((0, 1), (1, 0)):
-                conv = producers.get(n.input[a])
-                if conv is None or conv.op_type != "Conv" or not only_feeds(conv.output[0], n):
-                    continue
-                c = _const(graph, producers, n.input[b])
+            for conv, c in fed_by(n, "Conv"):
                 w = _const(graph, producers, conv.input[1])
-                if c is None or w is None or c.ndim not in (3, 4) or c.size != w.shape[0]:
+                if w is None or c.ndim not in (3, 4) or c.size != w.shape[0]:
                     continue
                 if c.shape[-2:] != (1, 1) or (c.ndim == 4 and c.shape[0] != 1):
                     continue
@@ -273,16 +284,12 @@ def _rewrite_once(graph) -> bool:
                 _replace(graph, remove=[conv, n], insert_at=n, new=[new])
                 return True
             # Gemm(x, w, 0, beta=0) -> Add(., b)  ==>  Gemm(x, w, b, beta=1)
-            for a, b in ((0, 1), (1, 0)):
-                gemm = producers.get(n.input[a])
-                if gemm is None or gemm.op_type != "Gemm" or not only_feeds(gemm.output[0], n):
-                    continue
-                c = _const(graph, producers, n.input[b])
+            for gemm, c in fed_by(n, "Gemm"):
                 w = _const(graph, producers, gemm.input[1])
                 old = _const(graph, producers, gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
                 beta = _attr(gemm, "beta", 1.0)
                 cols = None if w is None else w.shape[0 if _attr(gemm, "transB", 0) else 1]
-                if (c is None or cols is None or c.size != cols or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1)
+                if (cols is None or c.size != cols or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1)
                         or (old is not None and beta != 0.0 and np.any(old))):
                     continue
                 name = f"{gemm.output[0]}__bias"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
-import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ VARIANTS = {  # label -> (activation type, weight type)
     "int8 QDQ U8S8 per-channel": ("QUInt8", "QInt8"),
     "int8 QDQ S8S8 per-channel": ("QInt8", "QInt8"),
 }
+if TYPE_CHECKING:
+    import onnx
+
 TIMING_RUNS, TIMING_WARMUP, TIMING_MIN_S = 20, 3, 0.5
 
 
@@ -41,21 +44,25 @@ class _Reader:
 
 def median_ms(data: bytes, x: np.ndarray, threads: int = 1, runs: int = TIMING_RUNS, fmt: str = "onnx") -> float:
     """Median latency (ms) of a serialised .onnx or .tflite model on `x` (at least `runs` runs and 0.5 s)."""
-    from patient.bench.runtime import OnnxRunner, TfliteRunner
+    from patient.runtime.models import OnnxRunner, TfliteRunner
 
     r = (OnnxRunner if fmt == "onnx" else TfliteRunner)(content=data, threads=threads)
-    for _ in range(TIMING_WARMUP):
-        r.run_batch(x)
-    times, start = [], time.perf_counter()
-    while len(times) < runs or time.perf_counter() - start < TIMING_MIN_S:  # small models: more runs, less noise
-        t0 = time.perf_counter()
-        r.run_batch(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return float(np.median(r.time_ms(x, runs=runs, warmup=TIMING_WARMUP, min_seconds=TIMING_MIN_S)))
 
 
-def quantize_onnx(model, calibration: np.ndarray, *, batch: int | None, keep_int8: bool = False,
-                  variants=tuple(VARIANTS), log=None) -> dict[str, Any]:
+def decide(timings: dict[str, float], keep_int8: bool = False) -> tuple[str, str]:
+    """`(kept, decision)` from median milliseconds per artifact (`"fp32"` and one or more int8 variants): the fastest
+    int8 variant when it beats fp32 (or `keep_int8`), else `"fp32"`; `decision` says why in one line."""
+    best = min((k for k in timings if k != "fp32"), key=timings.__getitem__)
+    if timings[best] < timings["fp32"] or keep_int8:
+        return best, f"kept {best}: {timings['fp32'] / timings[best]:.2f}x the speed of fp32 on this CPU"
+    return "fp32", (f"int8 was slower than fp32 on this CPU ({timings[best]:.2f} ms vs {timings['fp32']:.2f} ms for "
+                    f"{best}); kept fp32")
+
+
+def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int | None, keep_int8: bool = False,
+                  variants: Sequence[str] = tuple(VARIANTS),
+                  log: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Quantise the fp32 `onnx.ModelProto` `model`; return the faster artifact and the timings behind the choice.
 
     **Returns:** `{"kept": label | "fp32", "model": ModelProto, "timings": {label: ms}, "decision": str}`.
@@ -84,11 +91,6 @@ def quantize_onnx(model, calibration: np.ndarray, *, batch: int | None, keep_int
             made[label] = data
             timings[label] = median_ms(data, x)
             log(f"  {label}: {timings[label]:.2f} ms vs fp32 {timings['fp32']:.2f} ms (median, 1 thread, batch {b})")
-    best = min(made, key=lambda k: timings[k])
-    if timings[best] < timings["fp32"] or keep_int8:
-        speed = timings["fp32"] / timings[best]
-        decision = f"kept {best}: {speed:.2f}x the speed of fp32 on this CPU"
-        return {"kept": best, "model": onnx.load_from_string(made[best]), "timings": timings, "decision": decision}
-    decision = (f"int8 was slower than fp32 on this CPU ({timings[best]:.2f} ms vs {timings['fp32']:.2f} ms for the "
-                f"best variant, {best}); kept fp32")
-    return {"kept": "fp32", "model": model, "timings": timings, "decision": decision}
+    kept, decision = decide(timings, keep_int8)
+    chosen = model if kept == "fp32" else onnx.load_from_string(made[kept])
+    return {"kept": kept, "model": chosen, "timings": timings, "decision": decision}

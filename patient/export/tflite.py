@@ -10,7 +10,7 @@ with float32 input and output so that callers feed the same [0, 1] images. As fo
 against the fp32 one on this CPU and the faster is kept, saying so (MobileNetV3 int8 is slower under XNNPACK).
 
 The metadata (the same keys as the ONNX metadata_props) is one `patient` entry in the flatbuffer's metadata table,
-a JSON object of strings, readable with `ai_edge_litert.schema_py_generated` alone (see `patient.bench.runtime`).
+a JSON object of strings, readable with `ai_edge_litert.schema_py_generated` alone (see `patient.runtime.models`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,22 @@ import json
 import os
 import pathlib
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from patient._files import write_atomic
+
 from . import verify as V
-from .fold import fold
+
+if TYPE_CHECKING:
+    from patient.models.fold import FoldedNet
+
+    from .verify import SourceLike
 
 
-def convert(net, *, batch: int | None, resolution: int, quantize: str = "none",
+def convert(net: FoldedNet, *, batch: int | None, resolution: int, quantize: str = "none",
             representative: np.ndarray | None = None) -> bytes:
     """The folded network as .tflite bytes: input f32[B, 3, R, R] (NCHW, [0, 1]), output f32[B, K]."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -68,7 +75,7 @@ def add_metadata(content: bytes, meta: dict[str, str]) -> bytes:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as fb
 
-    from patient.bench.runtime import TFLITE_METADATA_NAME
+    from patient.runtime.models import TFLITE_METADATA_NAME
 
     model = fb.ModelT.InitFromPackedBuf(bytearray(content), 0)
     buf = fb.BufferT()
@@ -84,11 +91,12 @@ def add_metadata(content: bytes, meta: dict[str, str]) -> bytes:
     return bytes(builder.Output())
 
 
-def to_tflite(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, resolution: int | None = None,
+def to_tflite(src: SourceLike, output: str | os.PathLike | None = None, *, batch: int = 1,
+              dynamic_batch: bool = False, resolution: int | None = None,
               quantize: str = "none", calibration: str | None = None, calibration_size: int = 128,
               verify_data: str = "digits", verify_size: int = 32, tolerance: float | None = None,
-              min_agreement: float | None = None, keep_int8: bool = False, class_names=None,
-              log=None) -> dict[str, Any]:
+              min_agreement: float | None = None, keep_int8: bool = False, class_names: list[str] | None = None,
+              log: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Export a patient model to TFLite, verified against JAX.
 
     **Arguments:** as `patient.export.to_onnx`, with `quantize` one of `"none"`, `"fp16"`, `"int8"` (full integer,
@@ -100,47 +108,37 @@ def to_tflite(src, output=None, *, batch: int = 1, dynamic_batch: bool = False, 
     quantize = quantize or "none"
     if quantize not in ("none", "fp16", "int8"):
         raise V.ExportError(f"TFLite quantises to none, fp16 or int8, not {quantize!r}")
-    if quantize == "int8" and not calibration:
-        raise V.ExportError("--quantize int8 needs calibration images: pass --calibration digits, fashion_mnist or "
-                            "image_folder:PATH")
-    if not dynamic_batch and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise V.ExportError(f"batch must be a positive integer, got {batch!r}")
-    source = V.open_eqx(src, class_names)
-    net = fold(source.model, source.state)
-    res = V.check_resolution(net, source.spec.resolution if resolution is None else resolution)
-    fixed = None if dynamic_batch else batch
-    calib = V.images(calibration, calibration_size, res, split="train") if quantize == "int8" else None
-    x = V.images(verify_data, verify_size, res)
+    job = V.prepare(src, class_names=class_names, batch=batch, dynamic_batch=dynamic_batch, resolution=resolution,
+                    quantize=quantize, calibration=calibration, calibration_size=calibration_size,
+                    verify_data=verify_data, verify_size=verify_size)
+    source, net, res, fixed, x, calib = (job.source, job.net, job.resolution, job.batch, job.images, job.calibration)
     log = log or (lambda msg: None)
     content = convert(net, batch=fixed, resolution=res, quantize=quantize, representative=calib)
     label = {"none": "none", "fp16": "fp16 weights", "int8": "int8 full integer (float32 input/output)"}[quantize]
     kind, decision, timings = "fp32" if quantize == "none" else quantize, None, None
     if quantize == "int8":
-        from .quantize import median_ms
+        from .quantize import decide, median_ms
 
         fp32 = convert(net, batch=fixed, resolution=res)
         x1 = np.ascontiguousarray(np.resize(calib, (fixed or 1, *calib.shape[1:])), np.float32)
         timings = {"fp32": median_ms(fp32, x1, fmt="tflite"), "int8": median_ms(content, x1, fmt="tflite")}
         log(f"  int8: {timings['int8']:.2f} ms vs fp32 {timings['fp32']:.2f} ms (median, 1 thread, LiteRT)")
-        if timings["int8"] < timings["fp32"] or keep_int8:
-            decision = f"kept int8: {timings['fp32'] / timings['int8']:.2f}x the speed of fp32 on this CPU"
-        else:
-            decision = (f"int8 was slower than fp32 on this CPU ({timings['int8']:.2f} ms vs {timings['fp32']:.2f} ms);"
-                        " kept fp32")
+        kept, decision = decide(timings, keep_int8)
+        if kept == "fp32":
             content, kind, label = fp32, "fp32", f"none ({decision})"
     # Named after what is written: a default name never says int8 for an fp32 model.
     written = quantize if kind != "fp32" or quantize == "none" else "none"
     out = pathlib.Path(output) if output is not None else V.default_output(source, ".tflite", written)
     meta = V.metadata(source, net, resolution=res, batch=fixed, quantization=label, fmt="tflite")
     content = add_metadata(content, meta)
-    from patient.bench.runtime import TfliteRunner
+    from patient.runtime.models import TfliteRunner
 
     ref = V.reference_logits(source, x)
     got = TfliteRunner(content=content).predict(x)
     result = V.compare(ref, got, kind=kind, tolerance=tolerance, min_agreement=min_agreement)
     result["data"] = verify_data
     content = add_metadata(content, {**meta, "verification": json.dumps(result, sort_keys=True)})
-    V.write_atomic(out, content)
+    write_atomic(out, content)
     ops = _op_counts(content)
     report = {"format": "tflite", "path": str(out), "model": net.name, "resolution": res, "batch": fixed or "dynamic",
               "bytes": len(content), "quantization": label, "ops": ops, "verification": result}

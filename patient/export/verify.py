@@ -22,12 +22,18 @@ import io
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from patient.bench.data import DataError, open_source, sample
+from patient.runtime.data import DataError, open_source, sample
+
+if TYPE_CHECKING:
+    import equinox as eqx
+
+    from patient.models.fold import FoldedNet
+
+    SourceLike = str | os.PathLike | tuple[eqx.Module, dict[str, Any]]  # an .eqx path or a (model, state) pair
 
 FP32_REL_TOL = 1e-4
 FP16_REL_TOL = 1e-2
@@ -37,6 +43,12 @@ MAX_RESOLUTION = 4096
 
 class ExportError(ValueError):
     """An export that cannot be done or failed verification; the message is one line meant for the user."""
+
+
+class VerificationError(ExportError):
+    """The converted model disagrees with JAX beyond the tolerance; nothing was written. The CLI exits 1 for it."""
+
+    exit_code = 1
 
 
 @dataclasses.dataclass
@@ -51,7 +63,7 @@ class Source:
     path: pathlib.Path | None
 
 
-def open_eqx(src, class_names=None) -> Source:
+def open_eqx(src: SourceLike, class_names: list[str] | None = None) -> Source:
     """`src` is a path to a patient `.eqx` file or a `(model, state)` pair."""
     from patient.models.registry import spec_of
 
@@ -83,7 +95,7 @@ def open_eqx(src, class_names=None) -> Source:
     raise ExportError(f"export takes a path to a .eqx file or a (model, state) pair, got {type(src).__name__}")
 
 
-def check_resolution(net, resolution) -> int:
+def check_resolution(net: FoldedNet, resolution: int) -> int:
     """The input side the export will use; `ExportError` if the network cannot take it.
 
     A network cannot take a size at which one of its feature maps would vanish (an unpadded convolution or pooling
@@ -103,9 +115,10 @@ def check_resolution(net, resolution) -> int:
     return resolution
 
 
-def metadata(source: Source, net, *, resolution: int, batch, quantization: str, fmt: str) -> dict[str, str]:
+def metadata(source: Source, net: FoldedNet, *, resolution: int, batch: int | None, quantization: str,
+             fmt: str) -> dict[str, str]:
     """The file's metadata as strings (ONNX metadata_props; the JSON object of TFLite's `patient` entry)."""
-    from patient import __version__
+    from patient._version import __version__
     from patient.models.registry import param_count
 
     spec = source.spec
@@ -126,6 +139,37 @@ def metadata(source: Source, net, *, resolution: int, batch, quantization: str, 
         "macs": str(net.macs(resolution)),
         "quantization": quantization,
     }
+
+
+@dataclasses.dataclass
+class Job:
+    """What every export converts and checks: the source model, its folded net, the input side, the batch (None:
+    dynamic), the verification images and, for int8, the calibration images."""
+
+    source: Source
+    net: Any
+    resolution: int
+    batch: int | None
+    images: np.ndarray
+    calibration: np.ndarray | None
+
+
+def prepare(src: SourceLike, *, class_names: list[str] | None, batch: int, dynamic_batch: bool,
+            resolution: int | None, quantize: str, calibration: str | None, calibration_size: int, verify_data: str,
+            verify_size: int) -> Job:
+    """The checks and inputs every export target shares, done before any conversion starts."""
+    from patient.models.fold import fold
+
+    if quantize == "int8" and not calibration:
+        raise ExportError("--quantize int8 needs calibration images: pass --calibration digits, fashion_mnist or "
+                          "image_folder:PATH")
+    if not dynamic_batch and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ExportError(f"batch must be a positive integer, got {batch!r}")
+    source = open_eqx(src, class_names)
+    net = fold(source.model, source.state)
+    res = check_resolution(net, source.spec.resolution if resolution is None else resolution)
+    calib = images(calibration, calibration_size, res, split="train") if quantize == "int8" else None
+    return Job(source, net, res, None if dynamic_batch else batch, images(verify_data, verify_size, res), calib)
 
 
 def images(data: str, n: int, resolution: int, split: str = "test") -> np.ndarray:
@@ -173,27 +217,14 @@ def compare(ref: np.ndarray, got: np.ndarray, *, kind: str, tolerance: float | N
     result = {"images": int(len(ref)), "max_abs_diff": diff, "top1_agreement": agree, "max_abs_logit": scale,
               "tolerance": tolerance, "min_agreement": min_agreement}
     if not np.all(np.isfinite(got)):
-        raise ExportError(f"verification failed: the {kind} model outputs non-finite logits")
+        raise VerificationError(f"verification failed: the {kind} model outputs non-finite logits")
     if tolerance is not None and diff > tolerance:
-        raise ExportError(f"verification failed: max abs logit difference {diff:.3g} > tolerance {tolerance:.3g} "
+        raise VerificationError(f"verification failed: max abs logit difference {diff:.3g} > tolerance {tolerance:.3g} "
                           f"({kind}, {len(ref)} images, top-1 agreement {agree:.1%}); nothing written")
     if min_agreement is not None and agree < min_agreement:
-        raise ExportError(f"verification failed: top-1 agreement {agree:.1%} < {min_agreement:.0%} ({kind}, "
+        raise VerificationError(f"verification failed: top-1 agreement {agree:.1%} < {min_agreement:.0%} ({kind}, "
                           f"{len(ref)} images, max abs logit difference {diff:.3g}); nothing written")
     return result
-
-
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so no half-written model is ever left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def default_output(source: Source, suffix: str, quantize: str) -> pathlib.Path:

@@ -8,11 +8,15 @@ A CIFAR stem (3x3 conv, stride 1, no pool) serves small images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .layers import split, Conv2d, GroupNorm, Linear, Normalize, make_divisible, max_pool
+from . import fold as F
+from .layers import Conv2d, GroupNorm, Linear, Normalize, State, make_divisible, max_pool, split
+from .spec import Family, ModelSpec, register_family, register_variant
 
 WS_EPS = 1e-8  # BiT standardises kernels with this epsilon (timm: StdConv2d(eps=1e-8))
 
@@ -36,7 +40,7 @@ class PreActBottleneck(eqx.Module):
     conv3: Conv2d
     downsample: Downsample | None
 
-    def __init__(self, in_ch, out_ch, stride, project, groups, *, key):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, project: bool, groups: int, *, key: jax.Array | None):
         mid = make_divisible(out_ch * 0.25)
         k1, k2, k3, k4 = split(key, 4)
         self.norm1 = GroupNorm(in_ch, groups)
@@ -50,7 +54,7 @@ class PreActBottleneck(eqx.Module):
         self.conv3 = Conv2d(mid, out_ch, 1, ws_eps=WS_EPS, key=k3)
         self.downsample = Downsample(Conv2d(in_ch, out_ch, 1, stride=stride, ws_eps=WS_EPS, key=k4)) if project else None
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         pre = _gn_relu(self.norm1, x)
         shortcut = x if self.downsample is None else self.downsample.conv(pre)
         y = self.conv1(pre)
@@ -82,8 +86,9 @@ class BiTResNetV2(eqx.Module):
     head: Head
     spec: object = eqx.field(static=True)
 
-    def __init__(self, *, depths, width, num_classes, channels=(256, 512, 1024, 2048), stem="fixed", groups=32,
-                 in_chans=3, spec=None, key):
+    def __init__(self, *, depths: Sequence[int], width: float, num_classes: int,
+                 channels: Sequence[int] = (256, 512, 1024, 2048), stem: str = "fixed", groups: int = 32,
+                 in_chans: int = 3, spec: ModelSpec, key: jax.Array | None):
         keys = split(key, len(depths) + 2)
         stem_ch = make_divisible(64 * width)
         if stem == "fixed":
@@ -107,10 +112,11 @@ class BiTResNetV2(eqx.Module):
         self.norm = GroupNorm(prev, groups)
         # BiT zero-initialises the head (timm does too), so a fresh model predicts the uniform distribution.
         self.head = Head(Linear(prev, num_classes, key=keys[-1], zero_init=True))
-        self.normalize = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.normalize = Normalize(spec.mean, spec.std)
         self.spec = spec
 
-    def __call__(self, x, state, *, train=False, key=None):
+    def __call__(self, x: jax.Array, state: State, *, train: bool = False,
+                 key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
         x = self.stem.conv(self.normalize(x))
         feats["stem"] = x
@@ -128,9 +134,30 @@ class BiTResNetV2(eqx.Module):
         return self.head.fc(pooled), feats, state
 
 
+    def fold(self, state: State) -> list:
+        """The folded ops for export (`patient.models.fold`): weight standardisation applied, GroupNorm kept."""
+        ops = F.fold_input(self.normalize, F.fold_conv(self.stem.conv))
+        if self.stem.pool:
+            ops.append(F.MaxPool(3, 2, 1, pad_value=0.0))  # BiT's "fixed" stem: a zero pad of 1, then a 3x3/2 max-pool
+        for stage in self.stages:
+            for blk in stage.blocks:
+                body = (F.fold_conv(blk.conv1), F.fold_group_norm(blk.norm2), F.Act("relu"), F.fold_conv(blk.conv2),
+                        F.fold_group_norm(blk.norm3), F.Act("relu"), F.fold_conv(blk.conv3))
+                shortcut = None if blk.downsample is None else (F.fold_conv(blk.downsample.conv),)
+                ops.append(F.Residual((F.fold_group_norm(blk.norm1), F.Act("relu")), body, shortcut, None))
+        return ops + [F.fold_group_norm(self.norm), F.Act("relu"), F.GlobalPool(False), F.fold_linear(self.head.fc)]
+
+
 def timm_name(name: str) -> str:
     """patient parameter name -> timm `resnetv2_*_bit` state-dict key (the layouts are the same)."""
     return name
 
 
 DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+register_family(Family("bit", BiTResNetV2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), head="head.fc", timm_name=timm_name))
+for _d, _w in [(26, 1), (50, 1), (101, 1), (152, 1), (50, 3), (101, 3), (152, 2), (152, 4)]:
+    register_variant(f"bit_r{_d}x{_w}", "bit", 224, f"BiT ResNetV2-{_d}x{_w} (GroupNorm + WS)", depths=DEPTHS[_d],
+                     width=_w)
+register_variant("bit_r26x1_cifar", "bit", 32, "BiT ResNetV2-26x1 with a 3x3 stride-1 stem for small images",
+                 depths=DEPTHS[26], width=1, stem="cifar")

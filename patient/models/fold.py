@@ -1,6 +1,7 @@
 """Folding: a trained model becomes a plain network of constant-weight operations, ready to convert.
 
-`fold(model, state)` walks a registry model and returns a `FoldedNet`, a short tuple of operations with numpy weights:
+`fold(model, state)` returns a `FoldedNet`, a short tuple of operations with numpy weights. The IR and its JAX forward
+are here; each family's file says how its modules become these ops (a `fold(state)` method on the model):
 
 - BatchNorm (running statistics from `state`) is folded into the preceding convolution's weight and bias:
   `w' = w * g / sqrt(v + eps)`, `b' = (b - m) * g / sqrt(v + eps) + beta` (computed in float64, stored as float32).
@@ -23,9 +24,21 @@ GroupNorm (BiT) depends on the data and stays an explicit normalisation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import equinox as eqx
+    import jax
+
+    from . import layers as L
+
+    class _SqueezeExciteLike(Protocol):
+        """What `fold_squeeze_excite` reads (MobileNetV3's `SqueezeExcite`): two biased 1x1 convolutions."""
+
+        conv_reduce: L.Conv2d
+        conv_expand: L.Conv2d
 
 Pads = tuple  # ((top, bottom), (left, right))
 
@@ -42,6 +55,11 @@ class Conv:
 @dataclasses.dataclass(frozen=True)
 class Act:
     kind: str  # "relu" | "hswish"
+
+    def __post_init__(self):
+        if self.kind not in ("relu", "hswish"):
+            raise ValueError(f"folded activation must be 'relu' or 'hswish', got {self.kind!r}; add the kind to "
+                             "patient.models.fold (Act, _apply) and to the exporters' checks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +128,7 @@ class FoldedNet:
     resolution: int
     in_chans: int = 3
 
-    def forward(self, x, layout: str = "NCHW"):
+    def forward(self, x: jax.Array | np.ndarray, layout: str = "NCHW") -> jax.Array:
         """Logits `f32[B, K]` of images `f32[B, C, H, W]` in [0, 1] (the input is always NCHW)."""
         import jax.numpy as jnp
 
@@ -150,26 +168,22 @@ class FoldedNet:
 # ------------------------------------------------------------------------------------------------- folding
 
 
-def fold(model, state) -> FoldedNet:
-    """Fold `model` (a registry model) with BatchNorm running statistics from `state` into a `FoldedNet`."""
-    from patient.models import bit, mobilenetv3, resnet
-    from patient.models.registry import spec_of
+def fold(model: eqx.Module, state: dict[str, Any] | None) -> FoldedNet:
+    """Fold `model` (a registry model) with BatchNorm running statistics from `state` into a `FoldedNet`.
+
+    Each family folds itself: its top-level module has a `fold(state)` method returning the list of ops, built with the
+    helpers below (`fold_conv`, `fold_input`, `fold_linear`, `fold_group_norm`, `fold_squeeze_excite`)."""
+    from .spec import spec_of
 
     spec = spec_of(model)
-    state = state or {}
-    if isinstance(model, resnet.ResNet):
-        ops = _fold_resnet(model, state)
-    elif isinstance(model, mobilenetv3.MobileNetV3):
-        ops = _fold_mobilenetv3(model, state)
-    elif isinstance(model, bit.BiTResNetV2):
-        ops = _fold_bit(model)
-    else:
-        raise TypeError(f"cannot fold {type(model).__name__}: export knows the bit, resnet and mobilenetv3 families")
+    if not callable(getattr(model, "fold", None)):
+        raise TypeError(f"cannot fold {type(model).__name__}: its family defines no fold(state) method")
+    ops = model.fold(state or {})
     in_chans = int(np.asarray(_first_conv(ops).weight).shape[1])
     return FoldedNet(tuple(ops), spec.name, spec.num_classes, spec.resolution, in_chans)
 
 
-def _conv(conv, bn=None, state=None) -> Conv:
+def fold_conv(conv: L.Conv2d, bn: L.BatchNorm | None = None, state: L.State | None = None) -> Conv:
     """A Conv2d (weight-standardised if it is) with an optional BatchNorm folded in."""
     w = np.asarray(conv.kernel(), np.float64)  # the exact kernel the model convolves with (WS applied)
     b = np.zeros(w.shape[0]) if conv.bias is None else np.asarray(conv.bias, np.float64)
@@ -185,7 +199,7 @@ def _conv(conv, bn=None, state=None) -> Conv:
                 tuple(tuple(int(p) for p in pp) for pp in conv.padding), int(conv.groups))
 
 
-def _normalized_input(normalize, conv: Conv) -> list:
+def fold_input(normalize: L.Normalize, conv: Conv) -> list:
     """Fold `(x - mean) / std` into the first convolution (see the module docstring for why the mean usually stays)."""
     mean = np.asarray(normalize.mean, np.float64)
     std = np.asarray(normalize.std, np.float64)
@@ -201,72 +215,17 @@ def _normalized_input(normalize, conv: Conv) -> list:
     return [Sub(tuple(float(m) for m in mean)), folded]
 
 
-def _linear(fc) -> Linear:
+def fold_linear(fc: L.Linear) -> Linear:
     return Linear(np.ascontiguousarray(np.asarray(fc.weight, np.float32).T), np.asarray(fc.bias, np.float32))
 
 
-def _gn(norm) -> GroupNorm:
+def fold_group_norm(norm: L.GroupNorm) -> GroupNorm:
     return GroupNorm(np.asarray(norm.weight, np.float32), np.asarray(norm.bias, np.float32), int(norm.groups),
                      float(norm.eps))
 
 
-def _fold_resnet(model, state) -> list:
-    from patient.models import resnet
-
-    ops = [*_normalized_input(model.normalize, _conv(model.conv1, model.bn1, state)), Act("relu")]
-    if model.pool:
-        ops.append(MaxPool(3, 2, 1, nonneg_input=True))
-    for blocks in model.layers:
-        for blk in blocks:
-            if isinstance(blk, resnet.BasicBlock):
-                body = [_conv(blk.conv1, blk.bn1, state), Act("relu"), _conv(blk.conv2, blk.bn2, state)]
-            else:
-                body = [_conv(blk.conv1, blk.bn1, state), Act("relu"), _conv(blk.conv2, blk.bn2, state), Act("relu"),
-                        _conv(blk.conv3, blk.bn3, state)]
-            shortcut = None if blk.downsample is None else (_conv(*blk.downsample, state),)
-            ops.append(Residual((), tuple(body), shortcut, "relu"))
-    return ops + [GlobalPool(False), _linear(model.fc)]
-
-
-def _se(se) -> SqueezeExcite:
-    return SqueezeExcite(_conv(se.conv_reduce), _conv(se.conv_expand))
-
-
-def _fold_mobilenetv3(model, state) -> list:
-    from patient.models import mobilenetv3 as m
-
-    ops = [*_normalized_input(model.normalize, _conv(model.conv_stem, model.bn1, state)), Act("hswish")]
-    for stage in model.blocks:
-        for blk in stage:
-            if isinstance(blk, m.DepthwiseSeparable):
-                body = [_conv(blk.conv_dw, blk.bn1, state), Act(blk.act)]
-                body += [] if blk.se is None else [_se(blk.se)]
-                body += [_conv(blk.conv_pw, blk.bn2, state)]
-            elif isinstance(blk, m.InvertedResidual):
-                body = [_conv(blk.conv_pw, blk.bn1, state), Act(blk.act), _conv(blk.conv_dw, blk.bn2, state),
-                        Act(blk.act)]
-                body += [] if blk.se is None else [_se(blk.se)]
-                body += [_conv(blk.conv_pwl, blk.bn3, state)]
-            else:
-                body = [_conv(blk.conv, blk.bn1, state), Act(blk.act)]
-            if getattr(blk, "skip", False):
-                ops.append(Residual((), tuple(body), None, None))
-            else:
-                ops += body
-    return ops + [GlobalPool(True), _conv(model.conv_head), Act("hswish"), Flatten(), _linear(model.classifier)]
-
-
-def _fold_bit(model) -> list:
-    ops = _normalized_input(model.normalize, _conv(model.stem.conv))
-    if model.stem.pool:
-        ops.append(MaxPool(3, 2, 1, pad_value=0.0))  # BiT's "fixed" stem: a zero pad of 1, then a 3x3/2 max-pool
-    for stage in model.stages:
-        for blk in stage.blocks:
-            body = (_conv(blk.conv1), _gn(blk.norm2), Act("relu"), _conv(blk.conv2), _gn(blk.norm3), Act("relu"),
-                    _conv(blk.conv3))
-            shortcut = None if blk.downsample is None else (_conv(blk.downsample.conv),)
-            ops.append(Residual((_gn(blk.norm1), Act("relu")), body, shortcut, None))
-    return ops + [_gn(model.norm), Act("relu"), GlobalPool(False), _linear(model.head.fc)]
+def fold_squeeze_excite(se: _SqueezeExciteLike) -> SqueezeExcite:
+    return SqueezeExcite(fold_conv(se.conv_reduce), fold_conv(se.conv_expand))
 
 
 def _first_conv(ops) -> Conv:
@@ -463,17 +422,3 @@ def _walk(op, shape: tuple) -> tuple[tuple, int]:
     if isinstance(op, Linear):
         return (op.weight.shape[1],), int(op.weight.size)
     return shape, 0  # elementwise ops
-
-
-def describe(net: FoldedNet) -> dict[str, Any]:
-    """Counts of folded op kinds (for messages and tests)."""
-    counts: dict[str, int] = {}
-
-    def visit(ops):
-        for op in ops:
-            counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
-            if isinstance(op, Residual):
-                visit(op.pre + op.body + (op.shortcut or ()))
-
-    visit(net.ops)
-    return counts

@@ -20,15 +20,18 @@ functions here that need it, never by `import patient` or `patient.models`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+
+if TYPE_CHECKING:
+    import keras
+
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras.applications "caffe" mode: BGR pixels in [0, 255] minus these
 
 # name -> (per-channel scale, per-channel offset, RGB->BGR) applied to patient's [0, 1] RGB input: x * scale + offset.
@@ -57,7 +60,7 @@ def _keras():
     return keras
 
 
-def is_keras_model(obj) -> bool:
+def is_keras_model(obj: object) -> bool:
     """True for a Keras model object (checked without importing keras)."""
     return hasattr(obj, "stateless_call") and any(c.__module__.split(".")[0] == "keras" for c in type(obj).__mro__)
 
@@ -68,6 +71,8 @@ class KerasModel(eqx.Module):
     Unlike the registry's models it is batched by nature (Keras layers see the whole batch), so `apply` calls
     `forward` directly instead of vmapping; BatchNorm statistics are then statistics of the whole (global) batch.
     """
+
+    batched = True  # `patient.models.apply` calls `forward` on the whole batch instead of vmapping `__call__`
 
     params: dict  # trainable values, {variable path: array}
     spec: Any = eqx.field(static=True)  # a ModelSpec with family "keras"
@@ -82,7 +87,7 @@ class KerasModel(eqx.Module):
     offset: tuple = eqx.field(static=True)
     bgr: bool = eqx.field(static=True)
 
-    def prepare(self, images):
+    def prepare(self, images: jax.Array | np.ndarray) -> jax.Array:
         """patient's input f32[B, C, H, W] in [0, 1] -> what the Keras model takes (its layout and value range).
 
         Use it to call the Keras model yourself: `keras_model(model.prepare(x), training=False)`."""
@@ -98,7 +103,8 @@ class KerasModel(eqx.Module):
             x = x * scale + offset
         return jnp.transpose(x, (0, 2, 3, 1)) if self.layout == "NHWC" else x
 
-    def forward(self, state, images, *, train: bool = False, key=None):
+    def forward(self, state: Mapping[str, Any], images: jax.Array | np.ndarray, *, train: bool = False,
+                key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
         """The batched forward (what `patient.models.apply` calls).
 
         **Arguments:** `state` (the non-trainable variables), `images` f32[B, C, H, W] in [0, 1], `train` (Keras's
@@ -129,7 +135,8 @@ class KerasModel(eqx.Module):
         new_state = dict(zip(self.state_keys, new_values)) if train else state
         return logits, features, new_state
 
-    def __call__(self, x, state, *, train: bool = False, key=None):
+    def __call__(self, x: jax.Array, state: Mapping[str, Any], *, train: bool = False,
+                 key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
         """One example f32[C, H, W] (patient's per-example convention), inference only: in training, BatchNorm needs
         the whole batch, so train through `patient.models.apply`."""
         if train:
@@ -168,7 +175,7 @@ def _resolve_preprocessing(keras_model, preprocessing) -> tuple[str, tuple, tupl
         if preprocessing == "auto":
             # keras.applications models built with include_preprocessing=True start with Rescaling (MobileNetV3,
             # EfficientNet(V2), RegNet) or Normalization (ConvNeXt) and expect raw [0, 255] pixels.
-            first = next((l for l in _layers(keras_model) if type(l).__name__ != "InputLayer"), None)
+            first = next((ly for ly in _layers(keras_model) if type(ly).__name__ != "InputLayer"), None)
             preprocessing = "0_255" if type(first).__name__ in ("Rescaling", "Normalization") else "unit"
         if preprocessing not in PREPROCESSING:
             raise ValueError(f"preprocessing={preprocessing!r}: use 'auto', one of {', '.join(PREPROCESSING)}, or a "
@@ -218,11 +225,14 @@ def _unique_keys(variables) -> list[str]:
     return keys
 
 
-def from_keras(keras_model, *, input_layout: str = "auto", preprocessing="auto", resolution: int | None = None,
-               features: Mapping[str, str] | Sequence[str] | None = None):
+def from_keras(keras_model: keras.Model, *, input_layout: str = "auto",
+               preprocessing: str | tuple[float | Sequence[float], float | Sequence[float]] = "auto",
+               resolution: int | None = None, features: Mapping[str, str] | Sequence[str] | None = None,
+               ) -> tuple[KerasModel, dict[str, jax.Array]]:
     """Wrap a built Keras 3 model (JAX backend) as a patient model.
 
     **Arguments:**
+
     - `keras_model`: a built `keras.Model` with one image input and one output of **logits** f32[B, K]
       (keras.applications classifiers end in softmax unless built with `classifier_activation=None`).
     - `input_layout`: what the Keras model takes: `"NHWC"` (channels_last), `"NCHW"`, or `"auto"` (the `data_format`
@@ -244,7 +254,6 @@ def from_keras(keras_model, *, input_layout: str = "auto", preprocessing="auto",
     non-trainable ones (BatchNorm moving statistics, Keras's dropout seed state) as a dict keyed by variable path.
     """
     keras = _keras()
-    from .registry import ModelSpec
 
     if not is_keras_model(keras_model):
         raise TypeError(f"from_keras takes a keras.Model, got {type(keras_model).__name__}")
@@ -295,7 +304,7 @@ def from_keras(keras_model, *, input_layout: str = "auto", preprocessing="auto",
         std = tuple(1 / s for s in scale)
         spec = ModelSpec(
             name=f"keras:{keras_model.name}", family="keras",
-            kwargs=(("channels", channels), ("features", tuple((str(n), str(l)) for n, l in pairs)),
+            kwargs=(("channels", channels), ("features", tuple((str(n), str(layer)) for n, layer in pairs)),
                     ("input_layout", layout), ("preprocessing", pre_name)),
             num_classes=num_classes, mean=mean, std=std, resolution=resolution)
         return KerasModel(params, spec, keras_model, forward_model, tuple(t_keys), tuple(s_keys), dtypes, names,
@@ -310,7 +319,7 @@ def from_keras(keras_model, *, input_layout: str = "auto", preprocessing="auto",
     return build(int(logits.shape[1])), state
 
 
-def to_keras(model: KerasModel, state=None, *, clone: bool = False):
+def to_keras(model: KerasModel, state: Mapping[str, Any] | None = None, *, clone: bool = False) -> keras.Model:
     """Write `model`'s trained values (and `state`'s moving statistics) into its Keras model, and return that model.
 
     **Arguments:** `model`, `state` as returned by `distill`/`train` (`result.student`, `result.state`); `clone`:

@@ -23,7 +23,7 @@ State = dict  # {bn_name: {"mean": f32[C], "var": f32[C]}}
 BATCH_AXIS = "batch"
 
 
-def host_rng(key) -> np.random.Generator:
+def host_rng(key: Array | None) -> np.random.Generator:
     """A numpy Generator seeded from a JAX key: initialising with numpy avoids compiling one random op per layer shape
     (a 25M-parameter model is built in well under a second) while keeping all randomness derived from `key`."""
     if key is None:
@@ -46,7 +46,7 @@ class _Zeros:
         return jnp.zeros(shape, np.float32) if ABSTRACT_INIT.get() else np.zeros(shape, np.float32)
 
 
-def split(key, n: int) -> list:
+def split(key: Array | None, n: int) -> list:
     """`n` independent keys; fold_in compiles once, where jax.random.split would compile once per `n`."""
     return [None if key is None else jax.random.fold_in(key, i) for i in range(n)]
 
@@ -71,7 +71,8 @@ class Conv2d(eqx.Module):
     groups: int = eqx.field(static=True)
     ws_eps: float | None = eqx.field(static=True)
 
-    def __init__(self, in_ch, out_ch, kernel, *, stride=1, padding=None, groups=1, bias=False, ws_eps=None, key):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int | tuple | None = None,
+                 groups: int = 1, bias: bool = False, ws_eps: float | None = None, key: Array | None):
         if padding is None:
             padding = ((stride - 1) + (kernel - 1)) // 2  # timm's get_padding for dilation 1
         fan_out = out_ch * kernel * kernel // groups
@@ -194,7 +195,7 @@ class Linear(eqx.Module):
     weight: Array
     bias: Array
 
-    def __init__(self, in_features, out_features, *, key, zero_init=False):
+    def __init__(self, in_features: int, out_features: int, *, key: Array | None, zero_init: bool = False):
         bound = 1.0 / math.sqrt(in_features)
         if zero_init:
             self.weight = jnp.zeros((out_features, in_features), jnp.float32)
@@ -216,7 +217,7 @@ class GroupNorm(eqx.Module):
     groups: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
-    def __init__(self, channels, groups=32, eps=1e-5):
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups; pick a width that is.")
         self.weight = jnp.asarray(np.ones((channels,), np.float32))
@@ -247,7 +248,7 @@ class BatchNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
 
-    def __init__(self, channels, name, *, eps=1e-5, momentum=0.1):
+    def __init__(self, channels: int, name: str, *, eps: float = 1e-5, momentum: float = 0.1):
         self.weight = jnp.asarray(np.ones((channels,), np.float32))
         self.bias = jnp.asarray(np.zeros((channels,), np.float32))
         self.name = name

@@ -11,10 +11,9 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 
-from .layers import split, BatchNorm, Conv2d, Linear, Normalize, hard_sigmoid, hard_swish, make_divisible
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from . import fold as F
+from .layers import BatchNorm, Conv2d, Linear, Normalize, State, hard_sigmoid, hard_swish, make_divisible, split
+from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 # (kind, repeats, kernel, stride, expansion, out channels, squeeze-excite, activation) per block group.
 SMALL = [
@@ -42,13 +41,13 @@ class SqueezeExcite(eqx.Module):
     conv_reduce: Conv2d
     conv_expand: Conv2d
 
-    def __init__(self, channels, *, key):
+    def __init__(self, channels: int, *, key: jax.Array | None):
         rd = make_divisible(channels * 0.25, 8)
         k1, k2 = split(key, 2)
         self.conv_reduce = Conv2d(channels, rd, 1, padding=0, bias=True, key=k1)
         self.conv_expand = Conv2d(rd, channels, 1, padding=0, bias=True, key=k2)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         s = x.mean(axis=(1, 2), keepdims=True)
         s = self.conv_expand(jax.nn.relu(self.conv_reduce(s)))
         return x * hard_sigmoid(s)
@@ -63,7 +62,8 @@ class DepthwiseSeparable(eqx.Module):
     act: str = eqx.field(static=True)
     skip: bool = eqx.field(static=True)
 
-    def __init__(self, in_ch, out_ch, kernel, stride, se, act, name, *, key):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, se: bool, act: str, name: str, *,
+                 key: jax.Array | None):
         k1, k2, k3 = split(key, 3)
         self.conv_dw = Conv2d(in_ch, in_ch, kernel, stride=stride, groups=in_ch, key=k1)
         self.bn1 = BatchNorm(in_ch, f"{name}.bn1")
@@ -73,7 +73,7 @@ class DepthwiseSeparable(eqx.Module):
         self.act = act
         self.skip = stride == 1 and in_ch == out_ch
 
-    def __call__(self, x, state, train):
+    def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         act = ACTS[self.act]
         y, state = self.bn1(self.conv_dw(x), state, train)
         y = act(y)
@@ -94,7 +94,8 @@ class InvertedResidual(eqx.Module):
     act: str = eqx.field(static=True)
     skip: bool = eqx.field(static=True)
 
-    def __init__(self, in_ch, out_ch, kernel, stride, exp, se, act, name, *, key):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, exp: float, se: bool, act: str, name: str,
+                 *, key: jax.Array | None):
         mid = make_divisible(in_ch * exp)
         k1, k2, k3, k4 = split(key, 4)
         self.conv_pw = Conv2d(in_ch, mid, 1, padding=0, key=k1)
@@ -107,7 +108,7 @@ class InvertedResidual(eqx.Module):
         self.act = act
         self.skip = stride == 1 and in_ch == out_ch
 
-    def __call__(self, x, state, train):
+    def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         act = ACTS[self.act]
         y, state = self.bn1(self.conv_pw(x), state, train)
         y, state = self.bn2(self.conv_dw(act(y)), state, train)
@@ -123,12 +124,12 @@ class ConvBnAct(eqx.Module):
     bn1: BatchNorm
     act: str = eqx.field(static=True)
 
-    def __init__(self, in_ch, out_ch, act, name, *, key):
+    def __init__(self, in_ch: int, out_ch: int, act: str, name: str, *, key: jax.Array | None):
         self.conv = Conv2d(in_ch, out_ch, 1, padding=0, key=key)
         self.bn1 = BatchNorm(out_ch, f"{name}.bn1")
         self.act = act
 
-    def __call__(self, x, state, train):
+    def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         y, state = self.bn1(self.conv(x), state, train)
         return ACTS[self.act](y), state
 
@@ -145,7 +146,8 @@ class MobileNetV3(eqx.Module):
     reductions: tuple = eqx.field(static=True)
     spec: object = eqx.field(static=True)
 
-    def __init__(self, *, size, width, num_classes, in_chans=3, spec=None, key):
+    def __init__(self, *, size: str, width: float, num_classes: int, in_chans: int = 3, spec: ModelSpec,
+                 key: jax.Array | None):
         arch = {"small": SMALL, "large": LARGE}[size]
         num_features = 1024 if size == "small" else 1280
         stem = 16 if width < 0.75 else make_divisible(16 * width)  # timm keeps the stem at 16 below 0.75x
@@ -173,10 +175,11 @@ class MobileNetV3(eqx.Module):
         self.reductions = tuple(reductions)
         self.conv_head = Conv2d(prev, num_features, 1, padding=0, bias=True, key=keys[-2])
         self.classifier = Linear(num_features, num_classes, key=keys[-1])
-        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.normalize = Normalize(spec.mean, spec.std)
         self.spec = spec
 
-    def __call__(self, x, state, *, train=False, key=None):
+    def __call__(self, x: jax.Array, state: State, *, train: bool = False,
+                 key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
         x, state = self.bn1(self.conv_stem(self.normalize(x)), state, train)
         x = hard_swish(x)
@@ -194,6 +197,38 @@ class MobileNetV3(eqx.Module):
         return self.classifier(head), feats, state
 
 
+    def fold(self, state: State) -> list:
+        """The folded ops for export (`patient.models.fold`): BatchNorm into each convolution, skips as residuals."""
+        ops = [*F.fold_input(self.normalize, F.fold_conv(self.conv_stem, self.bn1, state)), F.Act("hswish")]
+        for stage in self.blocks:
+            for blk in stage:
+                if isinstance(blk, DepthwiseSeparable):
+                    body = [F.fold_conv(blk.conv_dw, blk.bn1, state), F.Act(blk.act)]
+                    body += [] if blk.se is None else [F.fold_squeeze_excite(blk.se)]
+                    body += [F.fold_conv(blk.conv_pw, blk.bn2, state)]
+                elif isinstance(blk, InvertedResidual):
+                    body = [F.fold_conv(blk.conv_pw, blk.bn1, state), F.Act(blk.act),
+                            F.fold_conv(blk.conv_dw, blk.bn2, state), F.Act(blk.act)]
+                    body += [] if blk.se is None else [F.fold_squeeze_excite(blk.se)]
+                    body += [F.fold_conv(blk.conv_pwl, blk.bn3, state)]
+                else:
+                    body = [F.fold_conv(blk.conv, blk.bn1, state), F.Act(blk.act)]
+                if getattr(blk, "skip", False):
+                    ops.append(F.Residual((), tuple(body), None, None))
+                else:
+                    ops += body
+        return ops + [F.GlobalPool(True), F.fold_conv(self.conv_head), F.Act("hswish"), F.Flatten(),
+                      F.fold_linear(self.classifier)]
+
+
 def timm_name(name: str) -> str:
     """patient parameter / statistic name -> timm `mobilenetv3_*` state-dict key (the layouts are the same)."""
     return name
+
+
+register_family(Family("mobilenetv3", MobileNetV3, mean=IMAGENET_MEAN, std=IMAGENET_STD, head="classifier",
+                       timm_name=timm_name))
+for _size, _widths in [("small", (0.5, 0.75, 1.0)), ("large", (0.75, 1.0))]:
+    for _w in _widths:
+        register_variant(f"mobilenetv3_{_size}_{int(_w * 100):03d}", "mobilenetv3", 224,
+                         f"MobileNetV3-{_size.capitalize()} {_w}x", size=_size, width=_w)

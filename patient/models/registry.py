@@ -1,98 +1,36 @@
-"""The model registry: names -> constructors, the static spec every model carries, and the batched `apply`."""
+"""The model registry: `create` a named model from the variants the families registered (`spec.py`), rebuild one
+from its spec, and the batched `apply`. It holds no family knowledge of its own."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from . import bit, mobilenetv3, resnet
+from . import bit, mobilenetv3, resnet  # noqa: F401  (the built-in families register themselves on import)
 from .layers import BatchNorm
+from .spec import FAMILIES, VARIANTS, ModelSpec, Variant, family_of, spec_of
 
-FAMILIES = {"bit": bit.BiTResNetV2, "resnet": resnet.ResNet, "mobilenetv3": mobilenetv3.MobileNetV3}
-TIMM_NAME = {"bit": bit.timm_name, "resnet": resnet.timm_name, "mobilenetv3": mobilenetv3.timm_name}
+if TYPE_CHECKING:
+    import equinox as eqx
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a model without the caller: registry name, family, constructor arguments,
-    class count, preprocessing and the default input resolution. Hashable, so it can be a static field."""
-
-    name: str
-    family: str
-    kwargs: tuple  # sorted (key, value) pairs, JSON-friendly values (tuples for lists)
-    num_classes: int
-    mean: tuple
-    std: tuple
-    resolution: int
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["kwargs"] = {k: v for k, v in self.kwargs}
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ModelSpec":
-        def tup(v):
-            return tuple(tup(x) for x in v) if isinstance(v, list) else v
-
-        return cls(
-            name=d["name"], family=d["family"], kwargs=tuple(sorted((k, tup(v)) for k, v in d["kwargs"].items())),
-            num_classes=int(d["num_classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-            resolution=int(d["resolution"]),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    family: str
-    kwargs: dict
-    resolution: int
-    description: str
-
-
-_REGISTRY: dict[str, Entry] = {}
-
-
-def _register(name, family, resolution, description, **kwargs):
-    _REGISTRY[name] = Entry(family, kwargs, resolution, description)
-
-
-for _d, _w in [(26, 1), (50, 1), (101, 1), (152, 1), (50, 3), (101, 3), (152, 2), (152, 4)]:
-    _register(f"bit_r{_d}x{_w}", "bit", 224, f"BiT ResNetV2-{_d}x{_w} (GroupNorm + WS)", depths=bit.DEPTHS[_d], width=_w)
-_register("bit_r26x1_cifar", "bit", 32, "BiT ResNetV2-26x1 with a 3x3 stride-1 stem for small images",
-          depths=bit.DEPTHS[26], width=1, stem="cifar")
-for _d, (_block, _depths) in resnet.IMAGENET_DEPTHS.items():
-    _register(f"resnet{_d}", "resnet", 224, f"ResNet-{_d} v1.5 (BatchNorm)", depths=_depths,
-              channels=(64, 128, 256, 512), block=_block)
-for _d in (20, 32, 44, 56, 110):
-    _n = (_d - 2) // 6
-    _register(f"cifar_resnet{_d}", "resnet", 32, f"CIFAR ResNet-{_d} (16/32/64 channels)", depths=(_n,) * 3,
-              channels=(16, 32, 64), block="basic", stem="cifar", stem_width=16)
-for _d in (8, 32):
-    _n = (_d - 2) // 6
-    _register(f"resnet{_d}x4", "resnet", 32, f"CIFAR ResNet-{_d}x4 (64/128/256 channels, CRD benchmark)",
-              depths=(_n,) * 3, channels=(64, 128, 256), block="basic", stem="cifar", stem_width=32)
-for _size, _widths in [("small", (0.5, 0.75, 1.0)), ("large", (0.75, 1.0))]:
-    for _w in _widths:
-        _register(f"mobilenetv3_{_size}_{int(_w * 100):03d}", "mobilenetv3", 224,
-                  f"MobileNetV3-{_size.capitalize()} {_w}x", size=_size, width=_w)
+__all__ = ["ModelSpec", "apply", "build", "check_spec_bounds", "create", "describe", "init_state", "list_models",
+           "param_count", "skeleton_bytes", "spec_of", "with_resolution"]
 
 
 def list_models() -> list[str]:
     """Names accepted by `create`, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(VARIANTS)
 
 
-def describe(name: str) -> Entry:
-    if name not in _REGISTRY:
+def describe(name: str) -> Variant:
+    """The registered variant `name` (family, constructor arguments, default resolution, description)."""
+    if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of patient.models.list_models(): {', '.join(list_models())}")
-    return _REGISTRY[name]
+    return VARIANTS[name]
 
 
 def _jsonable(v):
@@ -103,7 +41,7 @@ def _jsonable(v):
     raise TypeError(f"model argument value {v!r} is not a number, string or list; patient specs must be JSON-friendly")
 
 
-def init_state(model) -> dict:
+def init_state(model: eqx.Module) -> dict:
     """Fresh running statistics for every BatchNorm in `model` ({} for GroupNorm-only models)."""
     state = {}
     for leaf in jax.tree_util.tree_leaves(model, is_leaf=lambda m: isinstance(m, BatchNorm)):
@@ -112,10 +50,10 @@ def init_state(model) -> dict:
     return state
 
 
-def build(spec: ModelSpec, key):
+def build(spec: ModelSpec, key: jax.Array | None) -> tuple[eqx.Module, dict[str, Any]]:
     """Construct the model and state a spec describes: randomly initialised from `key`, or zero-filled when `key` is
     None (a skeleton for loading values into)."""
-    cls = FAMILIES[spec.family]
+    cls = family_of(spec).cls
     model = cls(**dict(spec.kwargs), num_classes=spec.num_classes, spec=spec, key=key)
     return model, init_state(model)
 
@@ -164,11 +102,12 @@ def check_spec_bounds(spec: ModelSpec) -> None:
                 raise ValueError(f"constructor argument {k}={v!r} is not a finite number of sane size")
 
 
-def create(name: str, *, num_classes: int, key, weights: str | None = None, resolution: int | None = None,
-           **overrides: Any):
+def create(name: str, *, num_classes: int, key: jax.Array | None, weights: str | None = None,
+           resolution: int | None = None, **overrides: Any) -> tuple[eqx.Module, dict[str, Any]]:
     """Build a registry model.
 
     **Arguments:**
+
     - `name`: a name from `list_models()`.
     - `num_classes`: classifier width.
     - `key`: a `jax.random.key` for initialisation, or None for a zero-filled model (a skeleton to load values into).
@@ -183,11 +122,12 @@ def create(name: str, *, num_classes: int, key, weights: str | None = None, reso
     if not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     kwargs = {**entry.kwargs, **overrides}
-    cls = FAMILIES[entry.family]
-    mean, std = _preprocessing(entry.family)
+    family = FAMILIES[entry.family]
+    cls = family.cls
     spec = ModelSpec(
         name=name, family=entry.family, kwargs=tuple(sorted((k, _jsonable(v)) for k, v in kwargs.items())),
-        num_classes=num_classes, mean=mean, std=std, resolution=int(resolution or entry.resolution),
+        num_classes=num_classes, mean=tuple(family.mean), std=tuple(family.std),
+        resolution=int(resolution or entry.resolution),
     )
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "spec", "key"}
     unknown = sorted(set(overrides) - allowed)
@@ -202,23 +142,16 @@ def create(name: str, *, num_classes: int, key, weights: str | None = None, reso
     return model, state
 
 
-def _preprocessing(family: str) -> tuple[tuple, tuple]:
-    if family == "bit":
-        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return resnet.IMAGENET_MEAN, resnet.IMAGENET_STD
-
-
-def apply(model, state, images, *, train: bool = False, key=None):
+def apply(model: eqx.Module, state: dict[str, Any], images: jax.Array | np.ndarray, *, train: bool = False,
+          key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     """Run `model` on a batch of (B, C, H, W) images in [0, 1].
 
     **Returns:** `(logits f32[B, K], features {name: f32[B, ...]}, new_state)`. In training BatchNorm uses batch
     statistics reduced over the whole batch (mesh-wide under a sharded jit) and `new_state` carries updated running
-    statistics; in evaluation the state is returned unchanged. A Keras model (`from_keras`) is batched already and
-    runs its own batched forward.
+    statistics; in evaluation the state is returned unchanged. A model whose class sets `batched = True` (a Keras
+    model from `from_keras`) runs its own batched `forward` instead.
     """
-    from .keras_interop import KerasModel  # no keras import: the wrapper module imports keras only when used
-
-    if isinstance(model, KerasModel):
+    if getattr(type(model), "batched", False):
         return model.forward(state, images, train=train, key=key)
 
     def one(x):
@@ -227,14 +160,7 @@ def apply(model, state, images, *, train: bool = False, key=None):
     return jax.vmap(one, axis_name="batch", out_axes=(0, 0, None))(images)
 
 
-def spec_of(model) -> ModelSpec:
-    spec = getattr(model, "spec", None)
-    if not isinstance(spec, ModelSpec):
-        raise TypeError(f"{type(model).__name__} carries no patient ModelSpec; build models with patient.models.create")
-    return spec
-
-
-def with_resolution(model, resolution: int):
+def with_resolution(model: eqx.Module, resolution: int) -> eqx.Module:
     """`model` with `resolution` recorded in its spec (the input size it was trained at), so every file written from
     it (.eqx, .onnx, .tflite) and every evaluation defaults to that size. The arrays are shared, not copied."""
     import copy
@@ -247,18 +173,8 @@ def with_resolution(model, resolution: int):
     return model
 
 
-def spec_json(model) -> str:
-    return json.dumps(spec_of(model).to_json(), sort_keys=True)
-
-
-def param_count(model) -> int:
+def param_count(model: eqx.Module) -> int:
     """Trainable parameters (BatchNorm running statistics live in the state and are not counted, as in timm)."""
     import equinox as eqx
 
     return sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)))
-
-
-def warn_head(path: str, got: int, want: int) -> None:
-    warnings.warn(f"{path}: head has {got} classes, model has {want}; the head was re-initialised", UserWarning,
-                  stacklevel=3)
-

@@ -10,14 +10,14 @@ benchmark code), no max-pool.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 
-from .layers import split, BatchNorm, Conv2d, Linear, Normalize, max_pool
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from . import fold as F
+from .layers import BatchNorm, Conv2d, Linear, Normalize, State, max_pool, split
+from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 
 class BasicBlock(eqx.Module):
@@ -28,7 +28,7 @@ class BasicBlock(eqx.Module):
     downsample: tuple | None
     expansion = 1
 
-    def __init__(self, in_ch, planes, stride, name, *, key):
+    def __init__(self, in_ch: int, planes: int, stride: int, name: str, *, key: jax.Array | None):
         k1, k2, k3 = split(key, 3)
         self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, key=k1)
         self.bn1 = BatchNorm(planes, f"{name}.bn1")
@@ -39,7 +39,7 @@ class BasicBlock(eqx.Module):
         if stride != 1 or in_ch != out:
             self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, key=k3), BatchNorm(out, f"{name}.downsample.1"))
 
-    def __call__(self, x, state, train):
+    def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         y, state = self.bn1(self.conv1(x), state, train)
         y, state = self.bn2(self.conv2(jax.nn.relu(y)), state, train)
         shortcut = x
@@ -58,7 +58,7 @@ class Bottleneck(eqx.Module):
     downsample: tuple | None
     expansion = 4
 
-    def __init__(self, in_ch, planes, stride, name, *, key):
+    def __init__(self, in_ch: int, planes: int, stride: int, name: str, *, key: jax.Array | None):
         k1, k2, k3, k4 = split(key, 4)
         out = planes * 4
         self.conv1 = Conv2d(in_ch, planes, 1, padding=0, key=k1)
@@ -71,7 +71,7 @@ class Bottleneck(eqx.Module):
         if stride != 1 or in_ch != out:
             self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, key=k4), BatchNorm(out, f"{name}.downsample.1"))
 
-    def __call__(self, x, state, train):
+    def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         y, state = self.bn1(self.conv1(x), state, train)
         y, state = self.bn2(self.conv2(jax.nn.relu(y)), state, train)
         y, state = self.bn3(self.conv3(jax.nn.relu(y)), state, train)
@@ -92,8 +92,9 @@ class ResNet(eqx.Module):
     pool: bool = eqx.field(static=True)
     spec: object = eqx.field(static=True)
 
-    def __init__(self, *, depths, channels, block, num_classes, stem="imagenet", stem_width=64, in_chans=3,
-                 spec=None, key):
+    def __init__(self, *, depths: Sequence[int], channels: Sequence[int], block: str, num_classes: int,
+                 stem: str = "imagenet", stem_width: int = 64, in_chans: int = 3, spec: ModelSpec,
+                 key: jax.Array | None):
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         keys = split(key, len(depths) + 2)
         if stem == "imagenet":
@@ -116,10 +117,11 @@ class ResNet(eqx.Module):
             layers.append(blocks)
         self.layers = layers
         self.fc = Linear(prev, num_classes, key=keys[-1])
-        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.normalize = Normalize(spec.mean, spec.std)
         self.spec = spec
 
-    def __call__(self, x, state, *, train=False, key=None):
+    def __call__(self, x: jax.Array, state: State, *, train: bool = False,
+                 key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
         x, state = self.bn1(self.conv1(self.normalize(x)), state, train)
         x = jax.nn.relu(x)
@@ -135,6 +137,21 @@ class ResNet(eqx.Module):
         return self.fc(pooled), feats, state
 
 
+    def fold(self, state: State) -> list:
+        """The folded ops for export (`patient.models.fold`): BatchNorm into each convolution, blocks as residuals."""
+        ops = [*F.fold_input(self.normalize, F.fold_conv(self.conv1, self.bn1, state)), F.Act("relu")]
+        if self.pool:
+            ops.append(F.MaxPool(3, 2, 1, nonneg_input=True))
+        for blocks in self.layers:
+            for blk in blocks:
+                body = [F.fold_conv(blk.conv1, blk.bn1, state), F.Act("relu"), F.fold_conv(blk.conv2, blk.bn2, state)]
+                if isinstance(blk, Bottleneck):
+                    body += [F.Act("relu"), F.fold_conv(blk.conv3, blk.bn3, state)]
+                shortcut = None if blk.downsample is None else (F.fold_conv(*blk.downsample, state),)
+                ops.append(F.Residual((), tuple(body), shortcut, "relu"))
+        return ops + [F.GlobalPool(False), F.fold_linear(self.fc)]
+
+
 def timm_name(name: str) -> str:
     """patient parameter / statistic name -> timm `resnet*` state-dict key (`layers.0.1.conv1` -> `layer1.1.conv1`)."""
     return re.sub(r"^layers\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}.", name)
@@ -146,3 +163,14 @@ IMAGENET_DEPTHS = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
+
+register_family(Family("resnet", ResNet, mean=IMAGENET_MEAN, std=IMAGENET_STD, head="fc", timm_name=timm_name))
+for _d, (_block, _depths) in IMAGENET_DEPTHS.items():
+    register_variant(f"resnet{_d}", "resnet", 224, f"ResNet-{_d} v1.5 (BatchNorm)", depths=_depths,
+                     channels=(64, 128, 256, 512), block=_block)
+for _d in (20, 32, 44, 56, 110):
+    register_variant(f"cifar_resnet{_d}", "resnet", 32, f"CIFAR ResNet-{_d} (16/32/64 channels)",
+                     depths=((_d - 2) // 6,) * 3, channels=(16, 32, 64), block="basic", stem="cifar", stem_width=16)
+for _d in (8, 32):
+    register_variant(f"resnet{_d}x4", "resnet", 32, f"CIFAR ResNet-{_d}x4 (64/128/256 channels, CRD benchmark)",
+                     depths=((_d - 2) // 6,) * 3, channels=(64, 128, 256), block="basic", stem="cifar", stem_width=32)

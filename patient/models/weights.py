@@ -7,17 +7,18 @@ only numpy and safetensors' numpy API, never torch.
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .registry import TIMM_NAME, spec_of, warn_head
-
-HEADS = {"bit": "head.fc", "resnet": "fc", "mobilenetv3": "classifier"}
+from .spec import family_of, spec_of
 
 
 class WeightsError(ValueError):
@@ -38,16 +39,15 @@ def _path_name(path) -> str:
     return ".".join(parts)
 
 
-def named_parameters(model) -> dict[str, jax.Array]:
+def named_parameters(model: eqx.Module) -> dict[str, jax.Array]:
     """{dotted name: array} for every trainable array of `model` (names follow the attribute structure)."""
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))[0]
     return {_path_name(p): v for p, v in leaves}
 
 
-def named_tensors(model, state) -> dict[str, jax.Array]:
+def named_tensors(model: eqx.Module, state: dict[str, Any]) -> dict[str, jax.Array]:
     """Parameters plus BatchNorm statistics, under timm state-dict names (`<bn>.running_mean` / `.running_var`)."""
-    family = spec_of(model).family
-    rename = TIMM_NAME[family]
+    rename = family_of(spec_of(model)).timm_name
     out = {rename(k): v for k, v in named_parameters(model).items()}
     for bn, stats in state.items():
         out[rename(f"{bn}.running_mean")] = stats["mean"]
@@ -55,22 +55,24 @@ def named_tensors(model, state) -> dict[str, jax.Array]:
     return out
 
 
-def assign(model, state, tensors: dict[str, np.ndarray], source: str):
+def assign(model: eqx.Module, state: dict[str, Any], tensors: dict[str, np.ndarray],
+           source: str) -> tuple[eqx.Module, dict[str, Any]]:
     """Return `(model, state)` with every parameter and statistic replaced by `tensors[timm_name]`.
 
     Missing or unexpected tensors and shape mismatches raise `WeightsError` naming `source`. A classifier whose class
     count differs from the model's keeps its fresh initialisation (with a warning).
     """
     spec = spec_of(model)
-    rename = TIMM_NAME[spec.family]
-    head = HEADS[spec.family]
+    family = family_of(spec)
+    rename, head = family.timm_name, family.head
     tensors = {k: v for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
     head_keys = {f"{head}.weight", f"{head}.bias"}
     skip_head = False
     if f"{head}.weight" in tensors:
         got = int(np.asarray(tensors[f"{head}.weight"]).shape[0])
         if got != spec.num_classes:
-            warn_head(source, got, spec.num_classes)
+            warnings.warn(f"{source}: head has {got} classes, model has {spec.num_classes}; the head was re-initialised",
+                          UserWarning, stacklevel=2)
             skip_head = True
     params = named_parameters(model)
     missing, new_leaves = [], {}
@@ -177,7 +179,7 @@ def bit_npz_to_timm(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.
     return out
 
 
-def read_tensors(path) -> tuple[str, dict[str, np.ndarray]]:
+def read_tensors(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
     """Read a weights file into {name: array}; returns (format, tensors). Format is detected from the content."""
     path = Path(path)
     if not path.is_file():
@@ -200,7 +202,8 @@ def read_tensors(path) -> tuple[str, dict[str, np.ndarray]]:
                            "pass timm .safetensors or BiT .npz weights") from None
 
 
-def load_weights(model, state, path):
+def load_weights(model: eqx.Module, state: dict[str, Any],
+                 path: str | os.PathLike) -> tuple[eqx.Module, dict[str, Any]]:
     """Load pretrained weights from `path` into `(model, state)` (see `patient.models.create(weights=...)`)."""
     fmt, tensors = read_tensors(path)
     if fmt == "bit_npz" and spec_of(model).family != "bit":

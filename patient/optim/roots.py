@@ -22,13 +22,14 @@ the partial products are summed with error-free `two_sum`. They assume IEEE floa
 On failure (an all-zero or indefinite input, no convergence) the result is non-finite; callers test `isfinite`.
 """
 
+from __future__ import annotations
+
 import functools
 import math
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -60,7 +61,7 @@ def _exponent(x, axis):
     return jnp.maximum(biased - 126, -125)
 
 
-def two_sum(a, b):
+def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Error-free sum (Knuth): returns (s, e) with s = fl(a + b) and a + b == s + e exactly."""
     s = a + b
     bb = s - a
@@ -77,7 +78,7 @@ def _slices(x, k, m):
     return jnp.concatenate([q[:1], q[1:] - q[:-1]]), x - q[-1]  # differences of nested roundings are exact
 
 
-def dot_hi_lo(a, b):
+def dot_hi_lo(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Matrix product `a @ b` of float32 matrices in extended precision, as an unevaluated pair `hi + lo`.
 
     **Arguments:** `a` of shape `(r, n)`, `b` of shape `(n, c)`, float32.
@@ -213,7 +214,8 @@ def _newton_root(a, p, eps, precise, precise_iters=8, max_iters=100, tol=1e-6, f
 # Public entry point.
 
 
-def matrix_inverse_pth_root(matrix, p, *, eps=1e-6, method="eigh", precise=True):
+def matrix_inverse_pth_root(matrix: jax.Array | np.ndarray, p: int | jax.Array, *, eps: float = 1e-6,
+                            method: str = "eigh", precise: bool = True) -> jax.Array:
     """Inverse p-th root `(A + eps * lambda_max(A) * I)^(-1/p)` of a symmetric positive semi-definite matrix.
 
     **Arguments:**

@@ -45,9 +45,13 @@ root). Every `precondition_every` steps all roots are recomputed at once (eigh, 
 3x a plain float32 eigh), so that step is slower than the others.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import inspect
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +86,7 @@ class ScaleByShampooState(NamedTuple):
 # Static plan: how a parameter of a given shape is reshaped and blocked.
 
 
-def merge_small_dims(shape, max_dim):
+def merge_small_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
     """Merge consecutive dimensions while their product is <= max_dim, dropping 1s.
 
     `(16, 8, 3, 3), 128 -> (128, 9)`; `(1, 2, 512, 1, 2048, 1, 3, 4), 1024 -> (1024, 2048, 12)`; `(5,) -> (5,)`.
@@ -188,20 +192,39 @@ def scale_by_shampoo(
     *,
     b1: float = 0.9,
     b2: float = 0.999,
-    block_size: Optional[int] = 128,
+    block_size: int | None = 128,
     matrix_eps: float = 1e-6,
     precondition_every: int = 10,
     start_preconditioning_step: int = 10,
     graft: str = "rmsprop_normalized",
     graft_eps: float = 1e-8,
     nesterov: bool = True,
-    exponent_override: Optional[int] = None,
+    exponent_override: int | None = None,
     max_precond_dim: int = 4096,
     inverse_root: str = "eigh",
     precise_roots: bool = True,
 ) -> optax.GradientTransformation:
     """Shampoo's preconditioned direction, grafted per block onto a first-order update (no learning rate, no momentum
-    except Adam's own). See the module docstring for the algorithm and `shampoo` for the arguments.
+    except Adam's own). See the module docstring for the algorithm; `shampoo` adds momentum and the learning rate.
+
+    **Arguments:**
+
+    - `b1`: momentum (applied by `shampoo` as `optax.trace(b1, nesterov)`); Adam's first moment for `graft="adam"`.
+    - `b2`: EMA decay of the statistics and of the graft's second moment; `1.0` makes both plain sums.
+    - `block_size`: dimensions longer than this are split into blocks (preconditioner cost is cubic in it); also
+      the limit for merging small dimensions. `None`: no blocking, merge up to `max_precond_dim`.
+    - `matrix_eps`: relative ridge; roots are of `L + matrix_eps * lambda_max(L) * I`.
+    - `precondition_every`: steps between root recomputations (default 10).
+    - `start_preconditioning_step`: number of initial updates that use the graft alone (default 10); the first
+      roots are computed at this step.
+    - `graft`: `"rmsprop_normalized"` (default), `"rmsprop"`, `"adagrad"`, `"sgd"` or `"adam"` (module docstring).
+    - `graft_eps`: epsilon of the graft optimizer (inside the square root for rmsprop/adagrad, outside for adam).
+    - `nesterov`: Nesterov momentum.
+    - `exponent_override`: use `p` instead of `2 * (number of preconditioned dimensions)`.
+    - `max_precond_dim`: merged dimensions longer than this get no preconditioner (default 4096).
+    - `inverse_root`: `"eigh"` (default) or `"newton"`.
+    - `precise_roots`: extended-precision refinement of the roots (default True, see `patient.optim.roots`);
+      False is 3-10x cheaper per root but its relative error grows like 6e-8 x the condition number.
 
     **Returns:** an `optax.GradientTransformation` with state `ScaleByShampooState`.
     """
@@ -266,7 +289,7 @@ def scale_by_shampoo(
         batched by size, so only a few root computations get compiled; zero rows and columns leave the roots of the
         real rows unchanged (the padded matrix is block diagonal, its lambda_max is the same)."""
         groups = {}
-        for i, (stats, plan) in enumerate(zip(stats_flat, plans)):
+        for i, (stats, _plan) in enumerate(zip(stats_flat, plans)):
             for j, s in enumerate(stats):
                 n = s.shape[-1]
                 size = max(32, 1 << (n - 1).bit_length()) if n <= 128 else -(-n // 128) * 128
@@ -340,69 +363,38 @@ def scale_by_shampoo(
 
 
 def shampoo(
-    learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
+    learning_rate: float | Callable[[jax.Array], jax.Array],
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    block_size: Optional[int] = 128,
-    matrix_eps: float = 1e-6,
-    precondition_every: int = 10,
-    start_preconditioning_step: int = 10,
-    graft: str = "rmsprop_normalized",
-    graft_eps: float = 1e-8,
-    nesterov: bool = True,
-    exponent_override: Optional[int] = None,
-    max_precond_dim: int = 4096,
-    inverse_root: str = "eigh",
-    precise_roots: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
+    **options: Any,
 ) -> optax.GradientTransformation:
     """The Shampoo optimizer (Gupta et al. 2018; Anil et al. 2020, "Scalable second order optimization").
+
+    `optax.chain` of `scale_by_shampoo(**options)` (the preconditioned, grafted direction), heavy-ball momentum
+    `optax.trace(b1, nesterov)` (Adam's first moment is inside the graft for `graft="adam"`), decoupled weight decay
+    and the learning rate.
 
     **Arguments:**
 
     - `learning_rate`: a float or an optax schedule (step -> learning rate).
-    - `b1`: momentum. Heavy-ball `optax.trace(b1, nesterov)` after grafting; Adam's first moment for `graft="adam"`.
-    - `b2`: EMA decay of the statistics and of the graft's second moment; `1.0` makes both plain sums.
-    - `block_size`: dimensions longer than this are split into blocks (preconditioner cost is cubic in it); also
-      the limit for merging small dimensions. `None`: no blocking, merge up to `max_precond_dim`.
-    - `matrix_eps`: relative ridge; roots are of `L + matrix_eps * lambda_max(L) * I`.
-    - `precondition_every`: steps between root recomputations (default 10).
-    - `start_preconditioning_step`: number of initial updates that use the graft alone (default 10); the first
-      roots are computed at this step.
-    - `graft`: `"rmsprop_normalized"` (default), `"rmsprop"`, `"adagrad"`, `"sgd"` or `"adam"` (module docstring).
-    - `graft_eps`: epsilon of the graft optimizer (inside the square root for rmsprop/adagrad, outside for adam).
-    - `nesterov`: Nesterov momentum.
-    - `exponent_override`: use `p` instead of `2 * (number of preconditioned dimensions)`.
-    - `max_precond_dim`: merged dimensions longer than this get no preconditioner (default 4096).
-    - `inverse_root`: `"eigh"` (default) or `"newton"`.
-    - `precise_roots`: extended-precision refinement of the roots (default True, see `patient.optim.roots`);
-      False is 3-10x cheaper per root but its relative error grows like 6e-8 x the condition number.
     - `weight_decay`, `weight_decay_mask`: decoupled weight decay (times the learning rate, as `optax.adamw`); the
       mask is a pytree of bools or a callable, as for `optax.add_decayed_weights`.
+    - `**options`: the keyword arguments of `scale_by_shampoo`, with its defaults: `b1` (momentum), `b2`,
+      `block_size`, `matrix_eps`, `precondition_every`, `start_preconditioning_step`, `graft`, `graft_eps`,
+      `nesterov`, `exponent_override`, `max_precond_dim`, `inverse_root`, `precise_roots`.
 
     **Returns:** an `optax.GradientTransformation` (an `optax.chain`).
     """
-    parts = [
-        scale_by_shampoo(
-            b1=b1,
-            b2=b2,
-            block_size=block_size,
-            matrix_eps=matrix_eps,
-            precondition_every=precondition_every,
-            start_preconditioning_step=start_preconditioning_step,
-            graft=graft,
-            graft_eps=graft_eps,
-            nesterov=nesterov,
-            exponent_override=exponent_override,
-            max_precond_dim=max_precond_dim,
-            inverse_root=inverse_root,
-            precise_roots=precise_roots,
-        )
-    ]
-    if graft != "adam" and b1:
-        parts.append(optax.trace(decay=b1, nesterov=nesterov))
+    try:
+        bound = inspect.signature(scale_by_shampoo).bind(**options)
+    except TypeError as e:
+        raise TypeError(f"shampoo: {e} (options are the keyword arguments of scale_by_shampoo)") from None
+    bound.apply_defaults()
+    o = bound.arguments
+    parts = [scale_by_shampoo(**o)]
+    if o["graft"] != "adam" and o["b1"]:
+        parts.append(optax.trace(decay=o["b1"], nesterov=o["nesterov"]))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -1,6 +1,6 @@
 """Run any of the three formats on numpy images: `.eqx` (JAX/XLA), `.onnx` (onnxruntime), `.tflite` (LiteRT, XNNPACK).
 
-    from patient.bench.runtime import open_model
+    from patient.runtime import open_model
     m = open_model("student.onnx", threads=2)      # reads resolution, class names, ... from the file's metadata
     logits = m.predict(images)                      # f32[N, 3, R, R] in [0, 1] -> f32[N, K]
 
@@ -27,7 +27,7 @@ class ModelError(ValueError):
     """A model file that cannot be opened or run (missing, unknown format, damaged, wrong input size, ...)."""
 
 
-def model_format(path) -> str:
+def model_format(path: str | os.PathLike) -> str:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
@@ -92,6 +92,19 @@ class Runner:
         b = self.batch or batch or 1
         return np.random.default_rng(seed).random((b, 3, self.resolution, self.resolution), dtype=np.float32)
 
+    def time_ms(self, x: np.ndarray, *, runs: int, warmup: int = 0, min_seconds: float = 0.0) -> np.ndarray:
+        """Milliseconds of `run_batch(x)`, one per timed run, after `warmup` untimed runs: at least `runs` runs and,
+        for small models, as many more as fit in `min_seconds` (more runs, less noise). The one timing loop of
+        patient: `patient-bench` and the int8-or-fp32 decision of export both measure with it."""
+        for _ in range(warmup):
+            self.run_batch(x)
+        times, start = [], time.perf_counter()
+        while len(times) < runs or time.perf_counter() - start < min_seconds:
+            t = time.perf_counter_ns()
+            self.run_batch(x)
+            times.append((time.perf_counter_ns() - t) / 1e6)
+        return np.asarray(times, np.float64)
+
 
 # ------------------------------------------------------------------------------------------------- onnxruntime
 
@@ -100,7 +113,8 @@ class OnnxRunner(Runner):
     format = "onnx"
     runtime = "onnxruntime"
 
-    def __init__(self, path=None, *, threads: int | None = None, content: bytes | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, threads: int | None = None,
+                 content: bytes | None = None):
         import onnxruntime as ort
 
         self.path = pathlib.Path(path) if path is not None else pathlib.Path("<memory>.onnx")
@@ -130,7 +144,7 @@ class OnnxRunner(Runner):
         out = self.session.get_outputs()[0].shape
         self._num_classes = out[-1] if isinstance(out[-1], int) else None
 
-    def run_batch(self, x):
+    def run_batch(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.asarray(x, np.float32)})[0]
 
 
@@ -158,7 +172,8 @@ class TfliteRunner(Runner):
     format = "tflite"
     runtime = "litert"
 
-    def __init__(self, path=None, *, threads: int | None = None, content: bytes | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, threads: int | None = None,
+                 content: bytes | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = pathlib.Path(path) if path is not None else pathlib.Path("<memory>.tflite")
@@ -188,7 +203,7 @@ class TfliteRunner(Runner):
         self._num_classes = int(self._out["shape"][-1])
         self._allocated_batch = shape[0]
 
-    def run_batch(self, x):
+    def run_batch(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
         it = self.interpreter
         if self._dynamic and x.shape[0] != self._allocated_batch:
@@ -217,7 +232,8 @@ class EqxRunner(Runner):
     format = "eqx"
     runtime = "jax"
 
-    def __init__(self, path, *, threads: int | None = None, resolution: int | None = None, batch: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, resolution: int | None = None,
+                 batch: int | None = None):
         self.path = pathlib.Path(path)
         t0 = time.perf_counter()
         import jax
@@ -241,14 +257,16 @@ class EqxRunner(Runner):
         self.batch = batch
         self._num_classes = int(header["spec"]["num_classes"])
 
-    def run_batch(self, x):
+    def run_batch(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._fn(np.asarray(x, np.float32)))
 
 
-def open_model(path, *, threads: int | None = None, resolution: int | None = None, batch: int | None = None) -> Runner:
+def open_model(path: str | os.PathLike, *, threads: int | None = None, resolution: int | None = None,
+               batch: int | None = None) -> Runner:
     """Open a .eqx, .onnx or .tflite file for inference.
 
     **Arguments:**
+
     - `path`: the model file; its suffix picks the runtime.
     - `threads`: intra-op threads for onnxruntime / LiteRT (None: the runtime's default); ignored for .eqx.
     - `resolution`, `batch`: for .eqx only (exported files have fixed input shapes; use their own).
@@ -273,5 +291,5 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def file_size(path) -> int:
+def file_size(path: str | os.PathLike) -> int:
     return os.path.getsize(path)
