@@ -30,6 +30,7 @@ FAMILIES = {  # name: (overrides, resolution)
     "cifar_resnet20": ({}, 32),
     "mobilenetv3_small_050": ({}, 64),
     "mobilenetv3_large_075": ({}, 64),
+    "regnety_002": ({"depths": (1, 1, 1, 1)}, 64),  # grouped convolutions, squeeze-excite with a sigmoid gate
 }
 TOL = 1e-4
 
@@ -115,7 +116,7 @@ def test_fold_matches_jax(name):
         np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_parity_with_jax_on_digits(exported, name, fmt):
@@ -135,7 +136,7 @@ def _constant_only_nodes(model):
     return [n.op_type for n in model.graph.node if n.input and all(i in inits or i == "" for i in n.input)]
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_onnx_graph_is_folded(exported, name):
     m = onnx.load(exported[name]["onnx"])
@@ -165,7 +166,7 @@ def _convs(ops):
             yield from _convs(op.pre + op.body + (op.shortcut or ()))
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_onnx_metadata(exported):
     e = exported["mobilenetv3_small_050"]
     header = read_header(e["eqx"])[0]
@@ -182,13 +183,13 @@ def test_onnx_metadata(exported):
         {k: r.meta[k] for k in ("eqx_payload_sha256", "resolution", "class_names")}
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_tflite_is_nhwc_inside(exported):
     ops = exported["resnet18"]["tflite_report"]["ops"]
     assert ops.get("TRANSPOSE", 0) == 1 and ops["CONV_2D"] == 12
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_dynamic_batch_onnx(exported, tmp_path):
     e = exported["bit_r26x1"]
     rep = to_onnx(e["eqx"], tmp_path / "dyn.onnx", dynamic_batch=True, verify_size=16)
@@ -198,7 +199,7 @@ def test_dynamic_batch_onnx(exported, tmp_path):
     np.testing.assert_allclose(r.run_batch(x), np.asarray(_jit_apply(e["model"], e["state"], x)), atol=TOL, rtol=0)
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_ort_nchwc_graph_is_exact(exported, tmp_path):
     e = exported["mobilenetv3_small_050"]
     rep = to_onnx(e["eqx"], tmp_path / "nchwc.onnx", ort_nchwc=True, verify_size=16)
@@ -209,7 +210,7 @@ def test_ort_nchwc_graph_is_exact(exported, tmp_path):
                                atol=TOL, rtol=0)
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_quantized_exports(exported, tmp_path):
     e = exported["cifar_resnet20"]
     rep = to_onnx(e["eqx"], tmp_path / "q.onnx", quantize="int8", calibration="digits", calibration_size=16,
@@ -223,7 +224,7 @@ def test_quantized_exports(exported, tmp_path):
     assert rep["ops"].get("QUANTIZE") == 1  # int8: float input quantised once, every operator int8
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_resolution_override(exported, tmp_path):
     e = exported["cifar_resnet20"]
     rep = to_tflite(e["eqx"], tmp_path / "r48.tflite", resolution=48, verify_size=8)
@@ -248,7 +249,7 @@ def test_resolution_where_a_map_would_vanish():
         check_resolution(net, 6)
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
     from patient.cli.export import main
 
@@ -260,7 +261,7 @@ def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # the `exported` fixture converts five families twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
 def test_cli_export_writes_and_reports(exported, tmp_path, capsys):
     from patient.cli.export import main
 

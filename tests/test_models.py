@@ -15,7 +15,7 @@ from patient.models import apply, create, describe, list_models, param_count
 from patient.models.weights import WeightsError, named_tensors
 
 # One name per family in the fast lane.
-FAST_NAMES = ("cifar_resnet20", "resnet18", "bit_r26x1_cifar", "mobilenetv3_small_050")
+FAST_NAMES = ("cifar_resnet20", "resnet18", "bit_r26x1_cifar", "mobilenetv3_small_050", "regnety_002")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FEATURES = {"stem", "stage1", "stage2", "stage3", "pre_logits"}
@@ -28,19 +28,23 @@ TIMM_PARAMS = {
     "mobilenetv3_large_100": 5_483_032,
     "mobilenetv3_small_100": 2_542_856,
     "mobilenetv3_small_050": 1_593_224,
+    # timm.create_model(name, num_classes=1000) for every regnety_* name (counted on the meta device)
+    "regnety_002": 3_162_996, "regnety_004": 4_344_144, "regnety_006": 6_055_160, "regnety_008": 6_263_168,
+    "regnety_016": 11_202_430, "regnety_032": 19_436_338, "regnety_040": 20_646_656, "regnety_064": 30_583_252,
+    "regnety_080": 39_180_068, "regnety_120": 51_822_544, "regnety_160": 83_590_140, "regnety_320": 145_046_770,
 }
 
 
 def test_registry_lists_all_families():
     names = list_models()
     assert len(names) >= 18
-    for family in ("bit_", "resnet", "cifar_resnet", "mobilenetv3_small", "mobilenetv3_large", "resnet8x4"):
+    for family in ("bit_", "resnet", "cifar_resnet", "mobilenetv3_small", "mobilenetv3_large", "resnet8x4", "regnety_"):
         assert any(n.startswith(family) for n in names), family
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_PARAMS))
 def test_param_count_equals_timm(name):
-    model, _ = create(name, key=jax.random.key(0), num_classes=1000)
+    model, _ = create(name, key=None, num_classes=1000)  # a zero-filled skeleton: no random init
     assert param_count(model) == TIMM_PARAMS[name]
 
 
@@ -64,13 +68,13 @@ def test_contract_shapes(name):
 
 def _distinct_small():
     """Registry names whose one-block-per-stage network differs in structure from every earlier name's: bit_r50x1 and
-    bit_r152x1 differ only in depth, bit_r50x1 and bit_r50x3 (or MobileNetV3 0.75x and 1.0x) only in channel widths,
-    which change no code path (the widths' rounding is checked by the parameter counts and test_contract_shapes), so
-    each structure is compiled once."""
+    bit_r152x1 differ only in depth, bit_r50x1 and bit_r50x3 (or MobileNetV3 0.75x and 1.0x, or the RegNetYs) only in
+    channel and group widths, which change no code path (the widths' rounding is checked by the parameter counts and
+    test_contract_shapes), so each structure is compiled once."""
     seen, names = set(), []
     for name in list_models():
         e = describe(name)
-        kwargs = {k: v for k, v in {**e.kwargs, **_small(name)}.items() if k != "width"}
+        kwargs = {k: v for k, v in {**e.kwargs, **_small(name)}.items() if k not in ("width", "widths", "group_sizes")}
         config = (e.family, repr(sorted(kwargs.items())))
         if config not in seen:
             seen.add(config)
@@ -123,7 +127,8 @@ def test_contract_numeric(name, getkey):
         assert changed
 
 
-CASES = ["bit_tiny", "resnet_bottleneck_tiny", "resnet_basic_tiny", "mobilenetv3_small_050", "mobilenetv3_large_075"]
+CASES = ["bit_tiny", "resnet_bottleneck_tiny", "resnet_basic_tiny", "mobilenetv3_small_050", "mobilenetv3_large_075",
+         "regnety_tiny"]
 
 
 def _fixture(case):

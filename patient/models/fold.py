@@ -88,8 +88,15 @@ class MaxPool:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SqueezeExcite:
+    """`x * gate(expand(relu(reduce(mean(x)))))`; the gate is MobileNetV3's hard sigmoid or RegNetY's sigmoid."""
+
     reduce: Conv
     expand: Conv
+    gate: str = "hard_sigmoid"
+
+    def __post_init__(self):
+        if self.gate not in ("hard_sigmoid", "sigmoid"):
+            raise ValueError(f"squeeze-excite gate must be 'hard_sigmoid' or 'sigmoid', got {self.gate!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -314,7 +321,7 @@ def _apply(op, x, layout):
     if isinstance(op, SqueezeExcite):
         s = jnp.mean(x, axis=_spatial(layout), keepdims=True)
         s = _apply(op.expand, jax.nn.relu(_apply(op.reduce, s, layout)), layout)
-        return x * jax.nn.hard_sigmoid(s)
+        return x * (jax.nn.hard_sigmoid(s) if op.gate == "hard_sigmoid" else jax.nn.sigmoid(s))
     if isinstance(op, Residual):
         pre = _run(op.pre, x, layout)
         y = _run(op.body, pre, layout)

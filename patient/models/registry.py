@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from . import bit, mobilenetv3, resnet  # noqa: F401  (the built-in families register themselves on import)
+from . import bit, mobilenetv3, regnet, resnet  # noqa: F401  (the built-in families register themselves on import)
 from .layers import BatchNorm
 from .spec import FAMILIES, VARIANTS, ModelSpec, Variant, family_of, spec_of
 
