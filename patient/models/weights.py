@@ -26,17 +26,8 @@ class WeightsError(ValueError):
 
 
 def _path_name(path) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        else:  # pragma: no cover - no other containers appear in patient models
-            raise TypeError(f"unexpected pytree key {k!r}")
-    return ".".join(parts)
+    """`layers.0.1.conv1.weight`: the dotted name of a leaf's path (attributes, list indices, dict keys)."""
+    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def named_parameters(model: eqx.Module) -> dict[str, jax.Array]:
