@@ -291,6 +291,19 @@ class Normalize(eqx.Module):
         return (x - mean) / std
 
 
+def run_stages(stages: list, x: Array, state: State, train: bool,
+               feats: dict[str, Array]) -> tuple[Array, State, Array]:
+    """Run stages of residual blocks (`block(x, state, train) -> (x, state)`) in order, record each stage's output as
+    `feats["stage<i>"]` and the globally pooled output as `feats["pre_logits"]`; returns `(x, state, pooled)`."""
+    for i, stage in enumerate(stages):
+        for block in stage:
+            x, state = block(x, state, train)
+        feats[f"stage{i + 1}"] = x
+    pooled = x.mean(axis=(1, 2))
+    feats["pre_logits"] = pooled
+    return x, state, pooled
+
+
 def max_pool(x: Array, kernel: int, stride: int, padding: int) -> Array:
     """Max-pool one (C, H, W) example, padding with -inf (PyTorch's MaxPool2d)."""
     return lax.reduce_window(

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from . import fold as F
-from .layers import BatchNorm, Conv2d, Linear, Normalize, State, split
+from .layers import BatchNorm, Conv2d, Linear, Normalize, State, run_stages, split
 from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 
@@ -131,12 +131,7 @@ class RegNet(eqx.Module):
         x, state = self.stem(self.normalize(x), state, train)
         x = jax.nn.relu(x)
         feats["stem"] = x
-        for i, stage in enumerate(self.stages):
-            for block in stage:
-                x, state = block(x, state, train)
-            feats[f"stage{i + 1}"] = x
-        pooled = x.mean(axis=(1, 2))
-        feats["pre_logits"] = pooled
+        _, state, pooled = run_stages(self.stages, x, state, train, feats)
         return self.head.fc(pooled), feats, state
 
     def fold(self, state: State) -> list:

@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 
 from . import fold as F
-from .layers import BatchNorm, Conv2d, Linear, Normalize, State, max_pool, split
+from .layers import BatchNorm, Conv2d, Linear, Normalize, State, max_pool, run_stages, split
 from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 
@@ -128,12 +128,7 @@ class ResNet(eqx.Module):
         feats["stem"] = x
         if self.pool:
             x = max_pool(x, 3, 2, 1)
-        for i, blocks in enumerate(self.layers):
-            for block in blocks:
-                x, state = block(x, state, train)
-            feats[f"stage{i + 1}"] = x
-        pooled = x.mean(axis=(1, 2))
-        feats["pre_logits"] = pooled
+        _, state, pooled = run_stages(self.layers, x, state, train, feats)
         return self.fc(pooled), feats, state
 
 
