@@ -38,8 +38,8 @@ for i in range(20):
 PY
 
 python -m venv "$work/venv"
-"$work/venv/bin/pip" install --quiet --no-deps "$wheel"
 "$work/venv/bin/pip" install --quiet numpy pillow onnxruntime ai-edge-litert
+"$work/venv/bin/pip" install --quiet --no-deps "$wheel"  # last: pip then has no other install to check it against
 cd "$work"  # away from the checkout, so `import patient` can only find the wheel
 venv/bin/python - <<'PY'
 import importlib.util, sys
