@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from patient.data.sources import ArraySource, ImageFolderSource
     from patient.engine import Config, DistillResult
 
 # Mistakes a user can make end in one line; ModelError, DataError, ExportError, ConfigError, PatientFileError and
@@ -63,14 +62,6 @@ def emit_json(result: dict, path: str | None = None) -> str:
     return line
 
 
-def data_source(spec: str, split: str) -> ArraySource | ImageFolderSource:
-    """A data spec (`digits`, `fashion_mnist` or `image_folder:PATH`) -> its source for `split` ("train"/"test").
-    The one parser of data specs (`patient.runtime.open_source`), shared with the JAX-free device path."""
-    from patient.runtime.data import open_source
-
-    return open_source(spec, split)
-
-
 def check_output(path: str, flag: str = "--out") -> None:
     """Fail before any work when `path` cannot be written: its directory is missing, not a directory, or not
     writable, or the path itself is a directory."""
@@ -102,14 +93,15 @@ def training_inputs(args: argparse.Namespace) -> tuple:
     """`(config, data, eval_data)` from the shared arguments, every check done before any training starts."""
     from patient.engine import Config, load_config
     from patient.engine.config import parse_set
+    from patient.runtime.data import open_source
 
     check_output(args.out)
     overrides = parse_set(args.set)
     cfg = load_config(args.config, **overrides) if args.config else Config().replace(**overrides)
     if not args.data:
         raise ValueError("--data is required: digits, fashion_mnist or image_folder:PATH")
-    data = data_source(args.data, "train")
-    eval_data = data_source(args.eval_data, "test") if args.eval_data else None
+    data = open_source(args.data, "train")  # the one data-spec parser, shared with the JAX-free device path
+    eval_data = open_source(args.eval_data, "test") if args.eval_data else None
     return cfg, data, eval_data
 
 

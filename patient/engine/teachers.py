@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     DataLike = DataSource | np.ndarray | tuple[np.ndarray, np.ndarray]  # a source, images, or (images, labels)
     _Tree = TypeVar("_Tree")
 
-# Counted by `fixed_teacher_cache` so tests can prove the cache is computed once, not per epoch.
-
 
 def resolve_model(obj: ModelLike, *, role: str, num_classes: int | None, key: jax.Array | None) -> ModelPair:
     """A `(model, state)` pair, an `.eqx` path, a registry name or a Keras model -> `(model, state)`."""

@@ -147,7 +147,7 @@ class Job:
     dynamic), the verification images and, for int8, the calibration images."""
 
     source: Source
-    net: Any
+    net: FoldedNet
     resolution: int
     batch: int | None
     images: np.ndarray
