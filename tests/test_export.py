@@ -31,16 +31,22 @@ FAMILIES = {  # name: (overrides, resolution)
     "mobilenetv3_small_050": ({}, 64),
     "mobilenetv3_large_075": ({}, 64),
     "regnety_002": ({"depths": (1, 1, 1, 1)}, 64),  # grouped convolutions, squeeze-excite with a sigmoid gate
+    # attention, LayerNorm, exact GELU, class and distillation tokens, two heads averaged
+    "deit_tiny_distilled_patch16_224": ({"depth": 2, "patch_size": 8}, 64),
 }
 TOL = 1e-4
 
 
 def _head(model):
-    for path in (lambda m: m.fc, lambda m: m.classifier, lambda m: m.head.fc):
+    def transformer_head(m):
+        assert hasattr(m.head, "weight")
+        return m.head
+
+    for path in (lambda m: m.fc, lambda m: m.classifier, lambda m: m.head.fc, transformer_head):
         try:
             path(model)
             return path
-        except AttributeError:
+        except (AttributeError, AssertionError):
             continue
     raise AssertionError("no classifier found")
 
@@ -116,7 +122,7 @@ def test_fold_matches_jax(name):
         np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_parity_with_jax_on_digits(exported, name, fmt):
@@ -136,7 +142,7 @@ def _constant_only_nodes(model):
     return [n.op_type for n in model.graph.node if n.input and all(i in inits or i == "" for i in n.input)]
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_onnx_graph_is_folded(exported, name):
     m = onnx.load(exported[name]["onnx"])
@@ -144,7 +150,7 @@ def test_onnx_graph_is_folded(exported, name):
     ops = [n.op_type for n in m.graph.node]
     inits = {t.name for t in m.graph.initializer}
     assert "BatchNormalization" not in ops
-    assert ops.count("Transpose") <= 2
+    assert ops.count("Transpose") <= 2  # NCHW throughout; a transformer transposes its patch map into tokens once
     # No arithmetic on weights (weight standardisation, BN scaling): every Conv / Gemm reads its weight and bias
     # straight from an initializer, and no node computes from initializers alone.
     for n in m.graph.node:
@@ -166,7 +172,7 @@ def _convs(ops):
             yield from _convs(op.pre + op.body + (op.shortcut or ()))
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_onnx_metadata(exported):
     e = exported["mobilenetv3_small_050"]
     header = read_header(e["eqx"])[0]
@@ -183,13 +189,13 @@ def test_onnx_metadata(exported):
         {k: r.meta[k] for k in ("eqx_payload_sha256", "resolution", "class_names")}
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_tflite_is_nhwc_inside(exported):
     ops = exported["resnet18"]["tflite_report"]["ops"]
     assert ops.get("TRANSPOSE", 0) == 1 and ops["CONV_2D"] == 12
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_dynamic_batch_onnx(exported, tmp_path):
     e = exported["bit_r26x1"]
     rep = to_onnx(e["eqx"], tmp_path / "dyn.onnx", dynamic_batch=True, verify_size=16)
@@ -199,7 +205,7 @@ def test_dynamic_batch_onnx(exported, tmp_path):
     np.testing.assert_allclose(r.run_batch(x), np.asarray(_jit_apply(e["model"], e["state"], x)), atol=TOL, rtol=0)
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_ort_nchwc_graph_is_exact(exported, tmp_path):
     e = exported["mobilenetv3_small_050"]
     rep = to_onnx(e["eqx"], tmp_path / "nchwc.onnx", ort_nchwc=True, verify_size=16)
@@ -210,7 +216,7 @@ def test_ort_nchwc_graph_is_exact(exported, tmp_path):
                                atol=TOL, rtol=0)
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_quantized_exports(exported, tmp_path):
     e = exported["cifar_resnet20"]
     rep = to_onnx(e["eqx"], tmp_path / "q.onnx", quantize="int8", calibration="digits", calibration_size=16,
@@ -224,7 +230,7 @@ def test_quantized_exports(exported, tmp_path):
     assert rep["ops"].get("QUANTIZE") == 1  # int8: float input quantised once, every operator int8
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_resolution_override(exported, tmp_path):
     e = exported["cifar_resnet20"]
     rep = to_tflite(e["eqx"], tmp_path / "r48.tflite", resolution=48, verify_size=8)
@@ -238,6 +244,23 @@ def test_resolution_override(exported, tmp_path):
                                atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
+def test_transformer_at_another_resolution(exported, tmp_path):
+    """Position embeddings resampled to the export's grid (8x8 -> 6x6 patches) as the JAX model does at run time;
+    a size that is not a multiple of the patch is refused before any work."""
+    from patient.export.verify import ExportError
+
+    e = exported["deit_tiny_distilled_patch16_224"]
+    x = digits_images(48)
+    ref = np.asarray(_jit_apply(e["model"], e["state"], x))
+    for fmt, export in (("onnx", to_onnx), ("tflite", to_tflite)):
+        rep = export(e["eqx"], tmp_path / f"r48.{fmt}", resolution=48, verify_size=8)
+        np.testing.assert_allclose(open_model(rep["path"]).predict(x), ref, atol=TOL, rtol=0)
+    with pytest.raises(ExportError, match="cannot take 50 px: a 8x8/8 patch convolution gets a 50x50 map"):
+        to_onnx(e["eqx"], tmp_path / "r50.onnx", resolution=50)
+    assert not (tmp_path / "r50.onnx").exists()
+
+
 def test_resolution_where_a_map_would_vanish():
     from patient.export.verify import ExportError, check_resolution
     from patient.models.fold import Conv, FoldedNet
@@ -249,7 +272,7 @@ def test_resolution_where_a_map_would_vanish():
         check_resolution(net, 6)
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
     from patient.cli.export import main
 
@@ -261,7 +284,7 @@ def test_failed_verification_writes_nothing(exported, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # the `exported` fixture converts six networks twice (a minute)
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_cli_export_writes_and_reports(exported, tmp_path, capsys):
     from patient.cli.export import main
 

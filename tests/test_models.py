@@ -15,7 +15,8 @@ from patient.models import apply, create, describe, list_models, param_count
 from patient.models.weights import WeightsError, named_tensors
 
 # One name per family in the fast lane.
-FAST_NAMES = ("cifar_resnet20", "resnet18", "bit_r26x1_cifar", "mobilenetv3_small_050", "regnety_002")
+FAST_NAMES = ("cifar_resnet20", "resnet18", "bit_r26x1_cifar", "mobilenetv3_small_050", "regnety_002",
+              "deit_tiny_distilled_patch16_224")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FEATURES = {"stem", "stage1", "stage2", "stage3", "pre_logits"}
@@ -32,13 +33,18 @@ TIMM_PARAMS = {
     "regnety_002": 3_162_996, "regnety_004": 4_344_144, "regnety_006": 6_055_160, "regnety_008": 6_263_168,
     "regnety_016": 11_202_430, "regnety_032": 19_436_338, "regnety_040": 20_646_656, "regnety_064": 30_583_252,
     "regnety_080": 39_180_068, "regnety_120": 51_822_544, "regnety_160": 83_590_140, "regnety_320": 145_046_770,
+    # timm.create_model(name) for every ViT / DeiT name (meta device)
+    "vit_tiny_patch16_224": 5_717_416, "vit_small_patch16_224": 22_050_664, "vit_base_patch16_224": 86_567_656,
+    "deit_tiny_patch16_224": 5_717_416, "deit_small_patch16_224": 22_050_664, "deit_base_patch16_224": 86_567_656,
+    "deit_tiny_distilled_patch16_224": 5_910_800, "deit_small_distilled_patch16_224": 22_436_432,
 }
 
 
 def test_registry_lists_all_families():
     names = list_models()
     assert len(names) >= 18
-    for family in ("bit_", "resnet", "cifar_resnet", "mobilenetv3_small", "mobilenetv3_large", "resnet8x4", "regnety_"):
+    for family in ("bit_", "resnet", "cifar_resnet", "mobilenetv3_small", "mobilenetv3_large", "resnet8x4", "regnety_",
+                   "vit_", "deit_"):
         assert any(n.startswith(family) for n in names), family
 
 
@@ -51,6 +57,8 @@ def test_param_count_equals_timm(name):
 def _small(name):
     """Registry arguments with one block per stage, so every model compiles in seconds; widths, stems and blocks stay."""
     kw = describe(name).kwargs
+    if "depth" in kw:  # transformers: two blocks
+        return {"depth": 2}
     return {"depths": (1,) * len(kw["depths"])} if "depths" in kw else {}
 
 
@@ -74,7 +82,8 @@ def _distinct_small():
     seen, names = set(), []
     for name in list_models():
         e = describe(name)
-        kwargs = {k: v for k, v in {**e.kwargs, **_small(name)}.items() if k not in ("width", "widths", "group_sizes")}
+        widths = ("width", "widths", "group_sizes", "embed_dim", "num_heads")
+        kwargs = {k: v for k, v in {**e.kwargs, **_small(name)}.items() if k not in widths}
         config = (e.family, repr(sorted(kwargs.items())))
         if config not in seen:
             seen.add(config)
@@ -128,7 +137,7 @@ def test_contract_numeric(name, getkey):
 
 
 CASES = ["bit_tiny", "resnet_bottleneck_tiny", "resnet_basic_tiny", "mobilenetv3_small_050", "mobilenetv3_large_075",
-         "regnety_tiny"]
+         "regnety_tiny", "vit_tiny", "deit_distilled_tiny", "vit_resampled"]
 
 
 def _fixture(case):
@@ -220,3 +229,32 @@ def test_named_tensors_round_trip_through_safetensors(tmp_path, getkey):
         m2, s2 = create("mobilenetv3_small_050", num_classes=5, key=getkey(), weights=tmp_path / "w.safetensors")
     for a, b in zip(jax.tree_util.tree_leaves((model, state)), jax.tree_util.tree_leaves((m2, s2))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_vit_weights_of_another_grid_are_resampled():
+    """Weights made for an 8x8 grid of patches, loaded into a model built for 10x10, get their position embeddings
+    resampled as timm's checkpoint filter does: the reference is timm running the 8x8 model on 80 px images (the
+    same resampling, at run time)."""
+    x, want, name, overrides = _fixture("vit_resampled")
+    model, state = create(name, key=jax.random.key(0), num_classes=10, weights=FIXTURES / "vit_resampled.safetensors",
+                          **{**overrides, "resolution": 80})
+    assert model.pos_embed.shape == (1, 1 + 10 * 10, 48) and model.grid == (10, 10)
+    assert np.max(np.abs(np.asarray(eqx.filter_jit(apply)(model, state, x)[0]) - want)) <= 1e-4
+
+
+def test_distilled_heads_are_both_reinitialised_and_both_reach_the_features():
+    x, want, name, overrides = _fixture("deit_distilled_tiny")
+    with pytest.warns(UserWarning, match="re-initialised"):
+        model, state = create(name, key=jax.random.key(0), num_classes=3,
+                              weights=FIXTURES / "deit_distilled_tiny.safetensors", **overrides)
+    assert model.head.weight.shape == model.head_dist.weight.shape == (3, 48)
+    logits, feats, _ = apply(model, state, x)
+    np.testing.assert_allclose(logits, (feats["head_cls"] + feats["head_dist"]) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_transformer_input_must_be_a_multiple_of_the_patch():
+    model, state = create("deit_tiny_patch16_224", num_classes=3, key=None, depth=1)
+    with pytest.raises(ValueError, match="input 40x40 is not a multiple of the patch size 16"):
+        apply(model, state, np.zeros((1, 3, 40, 40), np.float32))
+    with pytest.raises(ValueError, match="resolution 40 is not a multiple of the patch size 16"):
+        create("deit_tiny_patch16_224", num_classes=3, key=None, resolution=40)

@@ -169,6 +169,7 @@ def prepare(src: SourceLike, *, class_names: list[str] | None, batch: int, dynam
     net = fold(source.model, source.state)
     res = check_resolution(net, source.spec.resolution if resolution is None else resolution)
     calib = images(calibration, calibration_size, res, split="train") if quantize == "int8" else None
+    net = net.at_resolution(res)  # resolution-dependent constants (a ViT's position embeddings), made before tracing
     return Job(source, net, res, None if dynamic_batch else batch, images(verify_data, verify_size, res), calib)
 
 

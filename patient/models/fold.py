@@ -28,6 +28,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .fold_ops import (  # noqa: F401  (re-exported: families build their folds as F.<op>)
+    Act,
+    Attention,
+    Conv,
+    Flatten,
+    GlobalPool,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    MaxPool,
+    Pads,
+    PatchTokens,
+    Residual,
+    SqueezeExcite,
+    Sub,
+    TakeTokens,
+)
+
 if TYPE_CHECKING:
     import equinox as eqx
     import jax
@@ -39,91 +57,6 @@ if TYPE_CHECKING:
 
         conv_reduce: L.Conv2d
         conv_expand: L.Conv2d
-
-Pads = tuple  # ((top, bottom), (left, right))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Conv:
-    weight: np.ndarray  # f32 (O, I // groups, kh, kw)
-    bias: np.ndarray | None  # f32 (O,)
-    stride: int
-    padding: Pads
-    groups: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Act:
-    kind: str  # "relu" | "hswish"
-
-    def __post_init__(self):
-        if self.kind not in ("relu", "hswish"):
-            raise ValueError(f"folded activation must be 'relu' or 'hswish', got {self.kind!r}; add the kind to "
-                             "patient.models.fold (Act, _apply) and to the exporters' checks")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sub:
-    mean: tuple  # per input channel
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class GroupNorm:
-    weight: np.ndarray
-    bias: np.ndarray
-    groups: int
-    eps: float
-
-
-@dataclasses.dataclass(frozen=True)
-class MaxPool:
-    """Max-pooling with `padding` on every side; PyTorch pads with -inf, BiT's "fixed" stem pads with zeros."""
-
-    kernel: int
-    stride: int
-    padding: int
-    pad_value: float = float("-inf")
-    nonneg_input: bool = False  # after a ReLU: -inf and zero padding give the same result
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SqueezeExcite:
-    """`x * gate(expand(relu(reduce(mean(x)))))`; the gate is MobileNetV3's hard sigmoid or RegNetY's sigmoid."""
-
-    reduce: Conv
-    expand: Conv
-    gate: str = "hard_sigmoid"
-
-    def __post_init__(self):
-        if self.gate not in ("hard_sigmoid", "sigmoid"):
-            raise ValueError(f"squeeze-excite gate must be 'hard_sigmoid' or 'sigmoid', got {self.gate!r}")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Residual:
-    """`pre = pre_ops(x)`; `out = body(pre) + (x if shortcut is None else shortcut(pre))`; then `post` activation."""
-
-    pre: tuple
-    body: tuple
-    shortcut: tuple | None
-    post: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class GlobalPool:
-    keepdims: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Flatten:
-    pass
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Linear:
-    weight: np.ndarray  # f32 (in, out): x @ weight, no transpose in the graph
-    bias: np.ndarray
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FoldedNet:
@@ -142,12 +75,20 @@ class FoldedNet:
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
         x = jnp.asarray(x, jnp.float32)
+        ops, _ = _at_size(self.ops, tuple(x.shape[1:]))
         if layout == "NHWC":
             x = jnp.transpose(x, (0, 2, 3, 1))
-        return _run(self.ops, x, layout)
+        return _run(ops, x, layout)
+
+    def at_resolution(self, resolution: int) -> FoldedNet:
+        """This network with its resolution-dependent constants (a ViT's position embeddings, resampled to the grid
+        of patches) made for square inputs of `resolution` px, so a traced forward holds them as plain constants."""
+        ops, changed = _at_size(self.ops, (self.in_chans, resolution, resolution))
+        return dataclasses.replace(self, ops=ops) if changed else self
 
     def shapes(self, resolution: int) -> list[tuple]:
-        """Output shape (C, H, W) or (F,) after every top-level op for a square input; raises if a map vanishes."""
+        """Output shape (C, H, W), tokens (N, C) or (F,) after every top-level op for a square input; raises if a map
+        vanishes."""
         shape: tuple = (self.in_chans, resolution, resolution)
         out = []
         for op in self.ops:
@@ -156,7 +97,7 @@ class FoldedNet:
         return out
 
     def macs(self, resolution: int | None = None) -> int:
-        """Multiply-accumulates of one image (convolutions and the classifier)."""
+        """Multiply-accumulates of one image (convolutions, dense layers, attention products)."""
         shape: tuple = (self.in_chans, resolution or self.resolution, resolution or self.resolution)
         total = 0
         for op in self.ops:
@@ -235,6 +176,25 @@ def fold_squeeze_excite(se: _SqueezeExciteLike) -> SqueezeExcite:
     return SqueezeExcite(fold_conv(se.conv_reduce), fold_conv(se.conv_expand))
 
 
+def _at_size(ops, shape: tuple) -> tuple[tuple, bool]:
+    """`ops` with each `PatchTokens` resampled to the grid it gets from an input of `shape` (C, H, W); whether any
+    changed. Resampling runs eagerly (numpy constants out), never inside a trace."""
+    out, changed = [], False
+    for op in ops:
+        if isinstance(op, PatchTokens) and tuple(shape[1:]) != tuple(op.grid):
+            import jax
+
+            from .layers import resample_positions
+
+            p = op.prefix.shape[0]
+            with jax.ensure_compile_time_eval():
+                grid = np.asarray(resample_positions(op.pos[p:], op.grid, shape[1:]), np.float32)
+            op, changed = PatchTokens(op.prefix, np.concatenate([op.pos[:p], grid]), tuple(shape[1:])), True
+        out.append(op)
+        shape, _ = _walk(op, shape)
+    return tuple(out), changed
+
+
 def _first_conv(ops) -> Conv:
     for op in ops:
         if isinstance(op, Conv):
@@ -254,10 +214,14 @@ def _stride(ops) -> int:
 
 def _arrays(ops):
     for op in ops:
-        if isinstance(op, (Conv, Linear, GroupNorm)):
+        if isinstance(op, (Conv, Linear, GroupNorm, LayerNorm)):
             yield op.weight
             if op.bias is not None:
                 yield op.bias
+        elif isinstance(op, PatchTokens):
+            yield from (op.prefix, op.pos)
+        elif isinstance(op, Attention):
+            yield from _arrays((op.q, op.k, op.v, op.proj))
         elif isinstance(op, SqueezeExcite):
             yield from _arrays((op.reduce, op.expand))
         elif isinstance(op, Residual):
@@ -298,6 +262,8 @@ def _apply(op, x, layout):
                                      feature_group_count=op.groups)
         return y if op.bias is None else y + _per_channel(op.bias, layout)
     if isinstance(op, Act):
+        if op.kind == "gelu":
+            return jax.nn.gelu(x, approximate=False)
         return jax.nn.relu(x) if op.kind == "relu" else jax.nn.hard_swish(x)
     if isinstance(op, Sub):
         return x - _per_channel(np.asarray(op.mean, np.float32), layout)
@@ -327,6 +293,20 @@ def _apply(op, x, layout):
         y = _run(op.body, pre, layout)
         y = y + (x if op.shortcut is None else _run(op.shortcut, pre, layout))
         return y if op.post is None else _apply(Act(op.post), y, layout)
+    if isinstance(op, PatchTokens):
+        return _patch_tokens(op, x, layout)
+    if isinstance(op, LayerNorm):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * lax.rsqrt(var + op.eps) * jnp.asarray(op.weight) + jnp.asarray(op.bias)
+    if isinstance(op, Attention):
+        b, n, c = x.shape
+        h = op.heads
+        q, k, v = (_apply(lin, x, layout).reshape(b, n, h, c // h) for lin in (op.q, op.k, op.v))
+        attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        return _apply(op.proj, jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c), layout)
+    if isinstance(op, TakeTokens):
+        return x[:, :op.count]
     if isinstance(op, GlobalPool):
         return jnp.mean(x, axis=_spatial(layout), keepdims=op.keepdims)
     if isinstance(op, Flatten):
@@ -334,6 +314,26 @@ def _apply(op, x, layout):
     if isinstance(op, Linear):
         return x @ jnp.asarray(op.weight) + jnp.asarray(op.bias)
     raise TypeError(f"unknown folded op {op!r}")
+
+
+def _patch_tokens(op: PatchTokens, x, layout):
+    import jax.numpy as jnp
+
+    b = x.shape[0]
+    if layout == "NCHW":
+        c, gh, gw = x.shape[1:]
+        x = jnp.transpose(x.reshape(b, c, gh * gw), (0, 2, 1))
+    else:
+        gh, gw, c = x.shape[1:]
+        x = x.reshape(b, gh * gw, c)
+    if (gh, gw) != tuple(op.grid):
+        raise ValueError(f"position embeddings for a {op.grid} grid of patches get {gh}x{gw}; FoldedNet.forward and "
+                         "at_resolution resample them first")
+    p = op.prefix.shape[0]
+    prefix = op.prefix + op.pos[:p]
+    # a fixed batch gets the tokens as one constant; a symbolic one broadcasts them
+    prefix = np.broadcast_to(prefix, (b, p, c)) if isinstance(b, int) else jnp.broadcast_to(prefix[None], (b, p, c))
+    return jnp.concatenate([jnp.asarray(prefix), x + jnp.asarray(op.pos[p:])[None]], axis=1)
 
 
 def _max_pool(op: MaxPool, x, layout):
@@ -392,6 +392,9 @@ def _walk(op, shape: tuple) -> tuple[tuple, int]:
         ho, wo = _out(h, kh, op.stride, pt, pb), _out(w, kw, op.stride, pl, pr)
         if ho < 1 or wo < 1:
             raise ValueError(f"a {kh}x{kw}/{op.stride} convolution gets a {h}x{w} map and outputs nothing")
+        if kh == kw == op.stride > 1 and not any(p for pp in op.padding for p in pp) and (h % kh or w % kw):
+            raise ValueError(f"a {kh}x{kw}/{op.stride} patch convolution gets a {h}x{w} map, not a multiple of "
+                             f"{kh} (it would drop the last pixels); use a multiple of {kh}")
         return (o, ho, wo), o * ho * wo * i * kh * kw
     if isinstance(op, MaxPool):
         c, h, w = shape
@@ -422,10 +425,21 @@ def _walk(op, shape: tuple) -> tuple[tuple, int]:
         if s != y:
             raise ValueError(f"residual branches disagree: {y} vs {s}")
         return y, total
+    if isinstance(op, PatchTokens):
+        c, h, w = shape
+        if c != op.pos.shape[1]:
+            raise ValueError(f"patch tokens of width {op.pos.shape[1]} get {c} channels")
+        return (op.prefix.shape[0] + h * w, c), 0
+    if isinstance(op, Attention):
+        n, c = shape
+        return shape, 4 * n * c * c + 2 * n * n * c
+    if isinstance(op, TakeTokens):
+        return (op.count, shape[1]), 0
     if isinstance(op, GlobalPool):
         return ((shape[0], 1, 1) if op.keepdims else (shape[0],)), 0
     if isinstance(op, Flatten):
         return (int(np.prod(shape)),), 0
     if isinstance(op, Linear):
-        return (op.weight.shape[1],), int(op.weight.size)
-    return shape, 0  # elementwise ops
+        rows = int(np.prod(shape[:-1]))  # one row per token, or 1 for a vector
+        return (*shape[:-1], op.weight.shape[1]), rows * int(op.weight.size)
+    return shape, 0  # elementwise ops, normalisations

@@ -195,9 +195,14 @@ class Linear(eqx.Module):
     weight: Array
     bias: Array
 
-    def __init__(self, in_features: int, out_features: int, *, key: Array | None, zero_init: bool = False):
+    def __init__(self, in_features: int, out_features: int, *, key: Array | None, zero_init: bool = False,
+                 std: float | None = None):
         bound = 1.0 / math.sqrt(in_features)
-        if zero_init:
+        if std is not None:  # timm's transformer init: truncated normal (2 std) weights, zero bias
+            w = host_rng(key).standard_normal((out_features, in_features), dtype=np.float32)
+            self.weight = jnp.asarray(jnp.clip(w, -2.0, 2.0) * np.float32(std))
+            self.bias = jnp.asarray(np.zeros((out_features,), np.float32))
+        elif zero_init:
             self.weight = jnp.zeros((out_features, in_features), jnp.float32)
             self.bias = jnp.asarray(np.zeros((out_features,), np.float32))
         else:
@@ -207,6 +212,38 @@ class Linear(eqx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.weight.astype(x.dtype) @ x + self.bias.astype(x.dtype)
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis (tokens (N, D) or a vector (D,)); statistics in float32 whatever the input dtype."""
+
+    weight: Array
+    bias: Array
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, features: int, eps: float = 1e-6):
+        self.weight = jnp.asarray(np.ones((features,), np.float32))
+        self.bias = jnp.asarray(np.zeros((features,), np.float32))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * lax.rsqrt(var + self.eps) * self.weight + self.bias
+        return y.astype(x.dtype)
+
+
+def resample_positions(pos: Array | np.ndarray, grid: tuple[int, int], new_grid: tuple[int, int]) -> Array:
+    """Position embeddings `(gh * gw, D)` of a `grid` of patches resampled to `new_grid`: bicubic with antialiasing
+    when shrinking, on the (D, gh, gw) map, as timm's `resample_abs_pos_embed` (its torch `interpolate(mode="bicubic",
+    antialias=True)` and `jax.image.resize(method="bicubic", antialias=True)` agree to 1e-6)."""
+    if tuple(grid) == tuple(new_grid):
+        return jnp.asarray(pos)
+    d = pos.shape[-1]
+    m = jnp.asarray(pos, jnp.float32).T.reshape(d, *grid)
+    m = jax.image.resize(m, (d, *new_grid), method="bicubic", antialias=True)
+    return m.reshape(d, -1).T.astype(jnp.asarray(pos).dtype)
 
 
 class GroupNorm(eqx.Module):

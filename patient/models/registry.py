@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from . import bit, mobilenetv3, regnet, resnet  # noqa: F401  (the built-in families register themselves on import)
+from . import bit, mobilenetv3, regnet, resnet, vit  # noqa: F401  (the built-in families register themselves on import)
 from .layers import BatchNorm
 from .spec import FAMILIES, VARIANTS, ModelSpec, Variant, family_of, spec_of
 
@@ -126,7 +126,7 @@ def create(name: str, *, num_classes: int, key: jax.Array | None, weights: str |
     cls = family.cls
     spec = ModelSpec(
         name=name, family=entry.family, kwargs=tuple(sorted((k, _jsonable(v)) for k, v in kwargs.items())),
-        num_classes=num_classes, mean=tuple(family.mean), std=tuple(family.std),
+        num_classes=num_classes, mean=tuple(entry.mean or family.mean), std=tuple(entry.std or family.std),
         resolution=int(resolution or entry.resolution),
     )
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "spec", "key"}

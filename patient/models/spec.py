@@ -63,29 +63,40 @@ class Family:
     - `cls`: the `eqx.Module` class, built as `cls(**kwargs, num_classes=..., spec=..., key=...)`; its instances return
       `(logits, features, state)` for one (C, H, W) image, and `fold(state)` returns the folded ops for export
       (`patient.models.fold`).
-    - `mean`, `std`: the input normalisation of every variant (copied into each `ModelSpec`).
-    - `head`: the classifier's parameter prefix under timm's names (`"fc"`, `"head.fc"`), for re-initialising a head of
-      another class count on weight import.
+    - `mean`, `std`: the input normalisation of its variants (copied into each `ModelSpec`; a variant may override).
+    - `head`: the classifier's parameter prefix under timm's names (`"fc"`, `"head.fc"`), or a tuple of them for a
+      model with several heads (distilled DeiT: `("head", "head_dist")`), for re-initialising the heads of another
+      class count on weight import.
     - `timm_name`: patient parameter name -> timm state-dict key.
+    - `adapt`: `(timm key, pretrained array, shape the model needs) -> array or None`, for tensors a family can carry
+      over to another shape (ViT's position embeddings, resampled to another grid of patches); None means it cannot.
     """
 
     name: str
     cls: type
     mean: tuple
     std: tuple
-    head: str
+    head: str | tuple[str, ...]
     timm_name: Callable[[str], str] = _same_name
+    adapt: Callable[[str, Any, tuple], Any] | None = None
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return (self.head,) if isinstance(self.head, str) else tuple(self.head)
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A named model: its family, constructor arguments, default resolution and a one-line description."""
+    """A named model: its family, constructor arguments, default resolution, a one-line description, and its input
+    normalisation when it differs from the family's (timm's `vit_*` use 0.5 / 0.5, its `deit_*` ImageNet's)."""
 
     name: str
     family: str
     kwargs: dict
     resolution: int
     description: str
+    mean: tuple | None = None
+    std: tuple | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -98,11 +109,14 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def register_variant(name: str, family: str, resolution: int, description: str, **kwargs: Any) -> Variant:
-    """Add a named model of a registered family."""
+def register_variant(name: str, family: str, resolution: int, description: str, *, mean: tuple | None = None,
+                     std: tuple | None = None, **kwargs: Any) -> Variant:
+    """Add a named model of a registered family (`mean`/`std`: this variant's normalisation, default the family's)."""
     if family not in FAMILIES:
         raise ValueError(f"variant {name!r}: family {family!r} is not registered; call register_family first")
-    variant = Variant(name, family, kwargs, int(resolution), description)
+    if (mean is None) != (std is None):
+        raise ValueError(f"variant {name!r}: give both mean and std, or neither")
+    variant = Variant(name, family, kwargs, int(resolution), description, mean, std)
     VARIANTS[name] = variant
     return variant
 

@@ -55,12 +55,13 @@ def assign(model: eqx.Module, state: dict[str, Any], tensors: dict[str, np.ndarr
     """
     spec = spec_of(model)
     family = family_of(spec)
-    rename, head = family.timm_name, family.head
+    rename = family.timm_name
     tensors = {k: v for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
-    head_keys = {f"{head}.weight", f"{head}.bias"}
+    head_keys = {f"{head}.{p}" for head in family.heads for p in ("weight", "bias")}
     skip_head = False
-    if f"{head}.weight" in tensors:
-        got = int(np.asarray(tensors[f"{head}.weight"]).shape[0])
+    first = f"{family.heads[0]}.weight"
+    if first in tensors:
+        got = int(np.asarray(tensors[first]).shape[0])
         if got != spec.num_classes:
             warnings.warn(f"{source}: head has {got} classes, model has {spec.num_classes}; the head was re-initialised",
                           UserWarning, stacklevel=2)
@@ -74,7 +75,7 @@ def assign(model: eqx.Module, state: dict[str, Any], tensors: dict[str, np.ndarr
         if key not in tensors:
             missing.append(key)
             continue
-        new_leaves[name] = _fit(tensors[key], leaf.shape, key, source)
+        new_leaves[name] = _fit(tensors[key], leaf.shape, key, source, family.adapt)
     new_state = {}
     for bn, stats in state.items():
         entry = {}
@@ -99,8 +100,11 @@ def assign(model: eqx.Module, state: dict[str, Any], tensors: dict[str, np.ndarr
     return model, new_state
 
 
-def _fit(value, shape, key, source):
+def _fit(value, shape, key, source, adapt=None):
     arr = np.asarray(value, dtype=np.float32)
+    if arr.shape != tuple(shape) and adapt is not None:
+        adapted = adapt(key, arr, tuple(shape))
+        arr = arr if adapted is None else np.asarray(adapted, np.float32)
     if arr.shape != tuple(shape):
         # A 1x1 conv head stored as (K, C, 1, 1) for our (K, C) linear layer, or BiT's (1,1,1,C) norms: same values.
         if arr.size == int(np.prod(shape)) and [d for d in arr.shape if d != 1] == [d for d in shape if d != 1]:
