@@ -206,6 +206,23 @@ def test_feature_methods_plug_into_the_step(method, teacher):
         eqx.filter(student[0], eqx.is_array))
 
 
+@pytest.mark.parametrize("case", fast_only(["hard fm", "soft fix/rs"], keep=("hard fm",)))
+def test_deit_method_trains_both_heads_in_any_mode(case, teacher):
+    """A distilled DeiT student: labels on the class head, the teacher on the distillation head, and the loss is
+    DeiT's alone (no KL added); both heads learn."""
+    kind, mode = case.split()
+    student = create("deit_tiny_distilled_patch16_224", num_classes=10, key=jax.random.key(8), resolution=RES,
+                     patch_size=4, depth=2, embed_dim=48, num_heads=3)
+    r = distill(teacher, student, digits("test"), steps=3, batch_size=32, method="deit", deit_kind=kind, mode=mode,
+                log_every=1, progress=False)
+    assert all(math.isfinite(h["loss"]) and h["loss"] == h["deit"] for h in r.history)
+    for head in ("head", "head_dist"):
+        assert not np.allclose(getattr(r.student, head).weight, getattr(student[0], head).weight), head
+    with pytest.raises(ConfigError, match="method='deit' needs a student with a distillation token.*cifar_resnet20"):
+        distill(teacher, create("cifar_resnet20", num_classes=10, key=jax.random.key(9), resolution=RES),
+                digits("test"), steps=1, method="deit", progress=False)
+
+
 def test_feature_method_errors_at_start_up(teacher):
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(7), resolution=RES, depths=(1, 1, 1))
     with pytest.raises(ValueError, match="student has no feature 'stage4'"):

@@ -393,3 +393,50 @@ def test_dkd_gradients_are_finite_and_reach_only_the_student():
     assert np.isfinite(np.asarray(gs)).all() and float(jnp.abs(gs).max()) > 0
     assert float(jnp.abs(gt).max()) == 0.0
     assert np.isfinite(float(dkd_loss(s, p_t, g, alpha=1.0, beta=8.0, temperature=4.0)))
+
+
+# ------------------------------------------------------------------------------------------------------ DeiT
+
+
+def _deit_numpy(cls, dist, targets, p_t, kind, alpha, T):
+    """DeiT's loss in float64, written from the paper's equations."""
+    cls, dist, targets, p_t = (np.asarray(a, np.float64) for a in (cls, dist, targets, p_t))
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    ce = -(targets * log_softmax(cls)).sum(-1)
+    if kind == "hard":
+        d = -log_softmax(dist)[np.arange(len(dist)), p_t.argmax(-1)]
+    else:
+        d = np.array([sum(p * (np.log(p) - q) for p, q in zip(pr, qr) if p > 0)
+                      for pr, qr in zip(p_t, log_softmax(dist / T))]) * T ** 2
+    return np.mean((1 - alpha) * ce + alpha * d)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_deit_matches_float64_reference(kind):
+    from patient.engine.feature_losses import deit_loss
+
+    rng = np.random.default_rng(1)
+    cls, dist = rng.normal(0, 2, (2, 6, 5)).astype(np.float32)
+    targets = np.eye(5)[[0, 1, 4, 2, 3, 3]]
+    targets[2] = 0.3 * targets[2] + 0.7 * np.eye(5)[1]  # mixup: a mixed label
+    targets[5] = 0.0  # an unlabelled example
+    for T, alpha in [(1.0, 0.5), (3.0, 0.1)]:
+        t = rng.normal(0, 2, (6, 5))
+        p_t = np.exp(t / T) / np.exp(t / T).sum(-1, keepdims=True)
+        p_t[0] = [1, 0, 0, 0, 0]  # a one-hot teacher row: 0 log 0 terms
+        got = float(deit_loss(jnp.asarray(cls), jnp.asarray(dist), jnp.asarray(targets, jnp.float32),
+                              jnp.asarray(p_t, jnp.float32), kind=kind, alpha=alpha, temperature=T))
+        np.testing.assert_allclose(got, _deit_numpy(cls, dist, targets, p_t, kind, alpha, T), rtol=2e-6)
+    # the two heads' terms are separate: the class head never sees the teacher, the distillation head never the labels
+    gc, gd, gt = jax.grad(lambda c, d, p: deit_loss(c, d, jnp.asarray(targets, jnp.float32), p, kind=kind, alpha=0.5,
+                                                    temperature=1.0), argnums=(0, 1, 2))(
+        jnp.asarray(cls), jnp.asarray(dist), jnp.asarray(p_t, jnp.float32))
+    assert float(jnp.abs(gt).max()) == 0.0 and np.isfinite(np.asarray(gd)).all()
+    gc_alone = jax.grad(lambda c: deit_loss(c, jnp.zeros_like(c), jnp.asarray(targets, jnp.float32),
+                                            jnp.asarray(p_t, jnp.float32), kind=kind, alpha=0.5, temperature=1.0))(
+        jnp.asarray(cls))
+    np.testing.assert_allclose(gc, gc_alone, rtol=1e-6)

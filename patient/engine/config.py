@@ -44,7 +44,8 @@ class Config:
     label_weight: float = 0.0  # weight of cross-entropy on labels added to the KL
     label_smoothing: float = 0.0  # supervised training (patient.train)
     # what is matched: "kl" (logits; function matching), "kd" (alpha * CE + (1 - alpha) * T^2 KL), or a method added
-    # to the KL: "dkd" (logits), "fitnets", "at", "nst", "fsp", "srd" (features; see patient.engine.feature_losses)
+    # to the KL: "dkd" (logits), "fitnets", "at", "nst", "fsp", "srd" (features; see patient.engine.feature_losses);
+    # "deit" (a distilled DeiT student: labels on its class head, the teacher on its distillation head; replaces the KL)
     method: str = "kl"
     method_weight: float = 1.0
     method_pairs: tuple = ()  # feature names; "student_name:teacher_name" when they differ; fsp: "first:second"
@@ -52,6 +53,8 @@ class Config:
     dkd_alpha: float = 1.0  # DKD: weight of the target-class part (TCKD)
     dkd_beta: float = 8.0  # DKD: weight of the non-target part (NCKD)
     dkd_warmup_fraction: float = 20 / 240  # DKD's loss weight rises linearly over this fraction of the steps
+    deit_kind: str = "hard"  # DeiT: "hard" (CE on the teacher's top class) or "soft" (T^2 KL at `temperature`)
+    deit_alpha: float = 0.5  # DeiT: weight of the distillation head's term; the class head's is 1 - deit_alpha
     # how long
     batch_size: int = 64
     steps: int = 0  # 0: derived from epochs
@@ -133,8 +136,10 @@ def _check(c: Config) -> None:
     bad = [k for k in FIELDS if isinstance(getattr(c, k), float) and not math.isfinite(getattr(c, k))]
     need(not bad, f"{', '.join(f'{k}={getattr(c, k)}' for k in bad)}: config values must be finite numbers")
     need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
-    need(c.method in ("kl", "kd", "dkd", "fitnets", "at", "nst", "fsp", "srd"),
-         f"method={c.method!r}; use kl, kd, dkd, fitnets, at, nst, fsp or srd")
+    need(c.method in ("kl", "kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd"),
+         f"method={c.method!r}; use kl, kd, dkd, deit, fitnets, at, nst, fsp or srd")
+    need(c.deit_kind in ("hard", "soft") and 0 <= c.deit_alpha <= 1,
+         f"deit_kind={c.deit_kind!r}, deit_alpha={c.deit_alpha}: use hard or soft, and an alpha in [0, 1]")
     need(c.dkd_alpha >= 0 and c.dkd_beta >= 0 and 0 <= c.dkd_warmup_fraction <= 1,
          "dkd_alpha and dkd_beta must be >= 0 and dkd_warmup_fraction in [0, 1]")
     need(all(isinstance(p, str) for p in c.method_pairs), f"method_pairs={c.method_pairs!r} must be strings")

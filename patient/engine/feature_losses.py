@@ -1,5 +1,5 @@
-"""Distillation losses beside plain KL: Hinton KD, Decoupled KD, FitNets, Attention Transfer, NST, FSP and the SRD
-projector loss.
+"""Distillation losses beside plain KL: Hinton KD, Decoupled KD, DeiT's distillation-token loss, FitNets, Attention
+Transfer, NST, FSP and the SRD projector loss.
 
 Every loss is a pure function of batched features f32[B, ...] (channels first, as `patient.models.apply` returns
 them) and returns a scalar. Teacher inputs pass through `jax.lax.stop_gradient` inside each loss, so gradients reach
@@ -29,8 +29,8 @@ from patient.models.layers import host_rng
 from .losses import cross_entropy, kl_divergence
 
 Array = jax.Array
-METHODS = ("kd", "dkd", "fitnets", "at", "nst", "fsp", "srd")
-LOGIT_METHODS = ("kd", "dkd")  # need logits only: no stage pairs, no auxiliary modules
+METHODS = ("kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd")
+LOGIT_METHODS = ("kd", "dkd", "deit")  # need logits only: no stage pairs, no auxiliary modules
 _EPS = 1e-12  # floor on a norm: an all-zero (dead ReLU) channel or map normalises to zeros with finite gradients
 
 
@@ -116,6 +116,39 @@ def dkd_loss(student_logits: Array, teacher_probs: Array, target: Array, *, alph
     log_ps_hat = jax.nn.log_softmax(jnp.where(g, -jnp.inf, z), axis=-1)
     nckd = jnp.sum(jnp.where(g, 0.0, xlogy_ratio(pt_hat, jnp.where(g, 0.0, log_ps_hat))), -1)
     return jnp.mean(alpha * tckd + beta * nckd) * temperature ** 2
+
+
+# ---------------------------------------------------------------------------------------------------------- DeiT
+
+
+def deit_loss(cls_logits: Array, dist_logits: Array, targets: Array, teacher_probs: Array, *, kind: str,
+              alpha: float, temperature: float) -> Array:
+    """DeiT's distillation through a distillation token (Touvron et al., ICML 2021, section 4): the class head learns
+    the labels, the distillation head the teacher, `(1 - alpha) * CE(cls, labels) + alpha * distillation`.
+
+    - `kind="hard"`: distillation = CE(dist, argmax of the teacher), alpha 1/2 in the paper (the two terms halved).
+    - `kind="soft"`: distillation = `T^2 * KL(teacher || softmax(dist / T))` per example (the paper's equation; its
+      code divides the summed KL by batch x classes instead, a K times smaller weight).
+
+    Averaged over the batch; an unlabelled example (all-zero target row) contributes no label term but still counts.
+
+    **Arguments:** `cls_logits`, `dist_logits`: f32[B, K], the two heads of a distilled student; `targets`: f32[B, K]
+    label distributions (one-hot, mixed under mixup); `teacher_probs`: f32[B, K] at `temperature` (an ensemble's mean
+    is fine). **Returns:** f32[] scalar.
+    """
+    ce = -jnp.sum(targets * jax.nn.log_softmax(_f32(cls_logits), axis=-1), axis=-1)
+    p_t = _teacher(teacher_probs)
+    z = _f32(dist_logits)
+    if kind == "hard":
+        hard = jax.nn.one_hot(jnp.argmax(p_t, axis=-1), z.shape[-1])
+        dist = -jnp.sum(hard * jax.nn.log_softmax(z, axis=-1), axis=-1)
+    elif kind == "soft":
+        log_q = jax.nn.log_softmax(z / temperature, axis=-1)
+        dist = jnp.sum(jnp.where(p_t > 0, p_t * (jnp.log(jnp.where(p_t > 0, p_t, 1.0)) - log_q), 0.0), axis=-1)
+        dist = dist * temperature ** 2
+    else:
+        raise ValueError(f"deit kind must be 'hard' or 'soft', got {kind!r}")
+    return jnp.mean((1.0 - alpha) * ce + alpha * dist)
 
 
 # ------------------------------------------------------------------------------------------------------- FitNets

@@ -119,6 +119,12 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
                 dkd = dkd_loss(logits, t_probs, target, alpha=cfg.dkd_alpha, beta=cfg.dkd_beta, temperature=T)
                 loss = loss + cfg.method_weight * warm * dkd
                 metrics["dkd"] = dkd
+            elif cfg.method == "deit":  # Touvron et al.: labels on the class head, the teacher on the distillation head
+                from .feature_losses import deit_loss
+
+                loss = deit_loss(feats["head_cls"], feats["head_dist"], targets, t_probs, kind=cfg.deit_kind,
+                                 alpha=cfg.deit_alpha, temperature=T)
+                metrics["deit"] = loss
             elif cfg.method != "kl":
                 feat = feature_loss(cfg, aux, feats, t_feats)
                 loss = loss + cfg.method_weight * feat

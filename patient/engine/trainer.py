@@ -161,7 +161,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     k = _num_classes(source) or (_num_classes(eval_source) if eval_source is not None else None)
     s_model, s_state = resolve_model(student, role="student", num_classes=k, key=jax.random.fold_in(key, 1))
     s_spec = spec_of(s_model)
-    if supervised or cfg.method in ("kd", "dkd") or cfg.label_weight > 0:  # distillation alone never reads labels:
+    if supervised or cfg.method in ("kd", "dkd", "deit") or cfg.label_weight > 0:  # distillation alone never reads labels:
         _check_labels(source, s_spec.num_classes, "data", supervised=supervised)  # out-of-domain data is fine
     if eval_source is not None:
         _check_labels(eval_source, s_spec.num_classes, "eval_data")
@@ -295,6 +295,15 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
     auxiliary modules it trains: FitNets regressors or the SRD projector."""
     from . import feature_losses as fl
 
+    if cfg.method == "deit":
+        from patient.models.registry import apply
+
+        x = jax.ShapeDtypeStruct((2, cfg.channels, s_res, s_res), jnp.float32)
+        names = jax.eval_shape(lambda m, s, x: apply(m, s, x, train=False)[1], s_model, s_state, x)
+        if not {"head_cls", "head_dist"} <= set(names):
+            raise ConfigError(f"method='deit' needs a student with a distillation token and head "
+                              f"(deit_tiny_distilled_patch16_224, deit_small_distilled_patch16_224); "
+                              f"{spec_of(s_model).name} has none")
     if cfg.method == "kl" or cfg.method in fl.LOGIT_METHODS:
         return []
     from .step import parse_pairs
