@@ -21,6 +21,7 @@ import patient
 from patient.export import fold, to_onnx, to_tflite
 from patient.io import read_header
 from patient.models import apply, create
+from patient.models.fold import Act, Attention, LayerNorm, Residual, SqueezeExcite
 from patient.runtime.data import open_source, sample
 from patient.runtime.models import open_model
 
@@ -150,7 +151,15 @@ def test_onnx_graph_is_folded(exported, name):
     ops = [n.op_type for n in m.graph.node]
     inits = {t.name for t in m.graph.initializer}
     assert "BatchNormalization" not in ops
-    assert ops.count("Transpose") <= 2  # NCHW throughout; a transformer transposes its patch map into tokens once
+    # NCHW throughout; a transformer transposes its patch map into tokens once, and each attention splits and merges
+    # its heads with three transposes, as torch.onnx's graph of the same model does
+    folded = list(_walk_ops(fold(exported[name]["model"], exported[name]["state"]).ops))
+    assert ops.count("Transpose") <= 2 + 3 * sum(isinstance(op, Attention) for op in folded)
+    # every LayerNorm is one LayerNormalization node and every GELU has the form onnxruntime fuses (x / sqrt 2)
+    assert ops.count("LayerNormalization") == sum(isinstance(op, LayerNorm) for op in folded)
+    assert ops.count("Erf") == sum(isinstance(op, Act) and op.kind == "gelu" for op in folded)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type == "Div" for n in m.graph.node if n.op_type == "Erf")
     # No arithmetic on weights (weight standardisation, BN scaling): every Conv / Gemm reads its weight and bias
     # straight from an initializer, and no node computes from initializers alone.
     for n in m.graph.node:
@@ -160,16 +169,20 @@ def test_onnx_graph_is_folded(exported, name):
     assert ops.count("Conv") == sum(1 for _ in _convs(fold(exported[name]["model"], exported[name]["state"]).ops))
 
 
-def _convs(ops):
-    from patient.models.fold import Conv, Residual, SqueezeExcite
-
+def _walk_ops(ops):
+    """Every folded op, residual branches and squeeze-excite convolutions included."""
     for op in ops:
-        if isinstance(op, Conv):
-            yield op
-        elif isinstance(op, SqueezeExcite):
+        yield op
+        if isinstance(op, SqueezeExcite):
             yield from (op.reduce, op.expand)
         elif isinstance(op, Residual):
-            yield from _convs(op.pre + op.body + (op.shortcut or ()))
+            yield from _walk_ops(op.pre + op.body + (op.shortcut or ()))
+
+
+def _convs(ops):
+    from patient.models.fold import Conv
+
+    return (op for op in _walk_ops(ops) if isinstance(op, Conv))
 
 
 @pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
@@ -259,6 +272,24 @@ def test_transformer_at_another_resolution(exported, tmp_path):
     with pytest.raises(ExportError, match="cannot take 50 px: a 8x8/8 patch convolution gets a 50x50 map"):
         to_onnx(e["eqx"], tmp_path / "r50.onnx", resolution=50)
     assert not (tmp_path / "r50.onnx").exists()
+
+
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
+def test_tflite_int8_transformer_is_verified_or_refused_never_a_crash(exported, tmp_path):
+    """LiteRT 2.3 aborts the process when it loads the int8 attention graph its own converter wrote; export probes
+    the file in a child process first, so the caller gets one clear error (or, with a fixed LiteRT, a verified file)."""
+    from patient.export.verify import ExportError
+
+    e = exported["deit_tiny_distilled_patch16_224"]
+    out = tmp_path / "vit.int8.tflite"
+    try:
+        rep = to_tflite(e["eqx"], out, quantize="int8", calibration="digits", calibration_size=16, verify_size=16,
+                        min_agreement=0.5, keep_int8=True)
+    except ExportError as err:
+        assert "LiteRT cannot run the int8 model its converter wrote" in str(err)
+        assert not out.exists()
+    else:
+        assert rep["verification"]["top1_agreement"] >= 0.5
 
 
 def test_resolution_where_a_map_would_vanish():

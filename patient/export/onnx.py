@@ -223,6 +223,10 @@ def _rewrite_once(graph) -> bool:
 
     nodes = list(graph.node)
     for n in nodes:
+        if n.op_type == "Div" and _layer_norm(graph, n, producers, consumers, only_feeds):
+            return True
+        if n.op_type == "Erf" and _gelu(graph, n, producers, consumers, only_feeds):
+            return True
         # ReduceMean over the spatial axes of an NCHW tensor  ==>  GlobalAveragePool (+ Flatten without keepdims)
         if n.op_type == "ReduceMean":
             axes = _const(graph, producers, n.input[1]) if len(n.input) > 1 and n.input[1] else _attr(n, "axes")
@@ -301,6 +305,103 @@ def _rewrite_once(graph) -> bool:
                 _replace(graph, remove=[gemm, n], insert_at=n, new=[new])
                 return True
     return False
+
+
+def _single(consumers, name):
+    c = consumers.get(name, [])
+    return c[0] if len(c) == 1 else None
+
+
+def _scalar(graph, producers, name):
+    c = _const(graph, producers, name)
+    return None if c is None or c.size != 1 else float(np.ravel(c)[0])
+
+
+def _other(node, name):
+    """The other input of a two-input node, given one of them."""
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
+def _layer_norm(graph, div, producers, consumers, only_feeds) -> bool:
+    """`(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * gamma + beta` over the last axis  ==>  one
+    `LayerNormalization` (opset 17), which onnxruntime runs as one fused kernel. Exact in real arithmetic."""
+    import onnx
+    from onnx import numpy_helper
+
+    sub, sqrt = producers.get(div.input[0]), producers.get(div.input[1])
+    if sub is None or sqrt is None or sub.op_type != "Sub" or sqrt.op_type != "Sqrt":
+        return False
+    add_eps = producers.get(sqrt.input[0])
+    if add_eps is None or add_eps.op_type != "Add":
+        return False
+    var = next((producers.get(i) for i in add_eps.input if _scalar(graph, producers, i) is None), None)
+    eps = next((_scalar(graph, producers, i) for i in add_eps.input if _scalar(graph, producers, i) is not None), None)
+    sq = producers.get(var.input[0]) if var is not None and var.op_type == "ReduceMean" else None
+    mean = producers.get(sub.input[1])
+    x = sub.input[0]
+    if (eps is None or sq is None or sq.op_type != "Mul" or list(sq.input) != [sub.output[0]] * 2 or mean is None
+            or mean.op_type != "ReduceMean" or mean.input[0] != x):
+        return False
+    rank = _rank(graph, x)
+    for rm in (mean, var):
+        axes = _const(graph, producers, rm.input[1]) if len(rm.input) > 1 and rm.input[1] else _attr(rm, "axes")
+        last = rank is not None and axes is not None and [int(a) % rank for a in np.ravel(axes)] == [rank - 1]
+        if not last or not _attr(rm, "keepdims", 1):
+            return False
+    scale = _single(consumers, div.output[0])
+    shift = _single(consumers, scale.output[0]) if scale is not None and scale.op_type == "Mul" else None
+    if shift is None or shift.op_type != "Add":
+        return False
+    gamma = _const(graph, producers, _other(scale, div.output[0]))
+    beta = _const(graph, producers, _other(shift, scale.output[0]))
+    if gamma is None or beta is None or not gamma.size == beta.size == gamma.shape[-1] == beta.shape[-1]:
+        return False
+    if not (sorted(n.name for n in consumers[sub.output[0]]) == sorted([sq.name, sq.name, div.name])
+            and only_feeds(sq.output[0], var) and only_feeds(var.output[0], add_eps)
+            and only_feeds(add_eps.output[0], sqrt) and only_feeds(sqrt.output[0], div) and only_feeds(mean.output[0], sub)):
+        return False
+    names = [f"{shift.output[0]}__gamma", f"{shift.output[0]}__beta"]
+    graph.initializer.extend([numpy_helper.from_array(gamma.reshape(-1).astype(np.float32), names[0]),
+                              numpy_helper.from_array(beta.reshape(-1).astype(np.float32), names[1])])
+    new = onnx.helper.make_node("LayerNormalization", [x, *names], [shift.output[0]], name=f"{div.name}__layer_norm",
+                                axis=-1, epsilon=eps)
+    _replace(graph, remove=[mean, sub, sq, var, add_eps, sqrt, div, scale, shift], insert_at=shift, new=[new])
+    return True
+
+
+def _gelu(graph, erf, producers, consumers, only_feeds) -> bool:
+    """jax2onnx's exact GELU, `(x * 0.5) * (erf(x * 0.70710677) + 1)`, rewritten as `((erf(x / sqrt 2) + 1) * x)
+    * 0.5`: the form onnxruntime's GeluFusion turns into one Gelu kernel (as for torch.onnx graphs). Exact up to
+    the rounding of x / sqrt 2 against x * (1 / sqrt 2)."""
+    import onnx
+    from onnx import numpy_helper
+
+    pre = producers.get(erf.input[0])
+    if pre is None or pre.op_type != "Mul":
+        return False
+    x = next((i for i in pre.input if _scalar(graph, producers, i) is None), None)
+    c = next((_scalar(graph, producers, i) for i in pre.input if _scalar(graph, producers, i) is not None), None)
+    add = _single(consumers, erf.output[0])
+    if x is None or c is None or abs(c - 0.5 ** 0.5) > 1e-6 or add is None or add.op_type != "Add":
+        return False
+    if _scalar(graph, producers, _other(add, erf.output[0])) != 1.0:
+        return False
+    out = _single(consumers, add.output[0])
+    half = producers.get(_other(out, add.output[0])) if out is not None and out.op_type == "Mul" else None
+    if (half is None or half.op_type != "Mul" or x not in half.input
+            or _scalar(graph, producers, _other(half, x)) != 0.5 or not only_feeds(half.output[0], out)
+            or not only_feeds(pre.output[0], erf)):
+        return False
+    base = out.output[0]
+    consts = {"sqrt2": np.float32(2 ** 0.5), "one": np.float32(1.0), "half": np.float32(0.5)}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v), f"{base}__{k}") for k, v in consts.items())
+    new = [onnx.helper.make_node("Div", [x, f"{base}__sqrt2"], [f"{base}__div"], name=f"{base}__gelu_div"),
+           onnx.helper.make_node("Erf", [f"{base}__div"], [f"{base}__erf"], name=f"{base}__gelu_erf"),
+           onnx.helper.make_node("Add", [f"{base}__erf", f"{base}__one"], [f"{base}__add"], name=f"{base}__gelu_add"),
+           onnx.helper.make_node("Mul", [x, f"{base}__add"], [f"{base}__mul"], name=f"{base}__gelu_mul"),
+           onnx.helper.make_node("Mul", [f"{base}__mul", f"{base}__half"], [base], name=f"{base}__gelu_half")]
+    _replace(graph, remove=[pre, erf, add, half, out], insert_at=out, new=new)
+    return True
 
 
 def _se_resize(model) -> None:

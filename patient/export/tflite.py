@@ -119,6 +119,7 @@ def to_tflite(src: SourceLike, output: str | os.PathLike | None = None, *, batch
     if quantize == "int8":
         from .quantize import decide, median_ms
 
+        _check_loads(content)
         fp32 = convert(net, batch=fixed, resolution=res)
         x1 = np.ascontiguousarray(np.resize(calib, (fixed or 1, *calib.shape[1:])), np.float32)
         timings = {"fp32": median_ms(fp32, x1, fmt="tflite"), "int8": median_ms(content, x1, fmt="tflite")}
@@ -145,6 +146,25 @@ def to_tflite(src: SourceLike, output: str | os.PathLike | None = None, *, batch
     if decision is not None:
         report.update(int8=timings, int8_decision=decision)
     return report
+
+
+def _check_loads(content: bytes) -> None:
+    """ExportError when LiteRT cannot load `content`: tried in a child process, because LiteRT aborts the whole
+    process on some graphs its own converter wrote (int8 transformers with LiteRT 2.3: `allocate_tensors` aborts)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    probe = ("import sys; from ai_edge_litert.interpreter import Interpreter; "
+             "Interpreter(model_path=sys.argv[1], num_threads=1).allocate_tensors()")
+    with tempfile.TemporaryDirectory(prefix="patient-tflite-") as tmp:
+        path = pathlib.Path(tmp) / "probe.tflite"
+        path.write_bytes(content)
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        cause = "aborted" if done.returncode < 0 or done.returncode == 134 else f"failed (exit {done.returncode})"
+        raise V.ExportError(f"LiteRT cannot run the int8 model its converter wrote (loading it {cause}); export "
+                            "with --quantize fp16 or none, or to ONNX for int8")
 
 
 def _op_counts(content: bytes) -> dict[str, int]:

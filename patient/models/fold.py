@@ -221,7 +221,7 @@ def _arrays(ops):
         elif isinstance(op, PatchTokens):
             yield from (op.prefix, op.pos)
         elif isinstance(op, Attention):
-            yield from _arrays((op.q, op.k, op.v, op.proj))
+            yield from _arrays((op.qkv, op.proj))
         elif isinstance(op, SqueezeExcite):
             yield from _arrays((op.reduce, op.expand))
         elif isinstance(op, Residual):
@@ -297,14 +297,18 @@ def _apply(op, x, layout):
         return _patch_tokens(op, x, layout)
     if isinstance(op, LayerNorm):
         mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        return (x - mean) * lax.rsqrt(var + op.eps) * jnp.asarray(op.weight) + jnp.asarray(op.bias)
+        centred = x - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        # written as division by a square root: the form onnxruntime's LayerNormFusion recognises
+        return centred / jnp.sqrt(var + op.eps) * jnp.asarray(op.weight) + jnp.asarray(op.bias)
     if isinstance(op, Attention):
         b, n, c = x.shape
         h = op.heads
-        q, k, v = (_apply(lin, x, layout).reshape(b, n, h, c // h) for lin in (op.q, op.k, op.v))
-        attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
-        return _apply(op.proj, jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c), layout)
+        # as torch's nn.MultiheadAttention-style graphs: one qkv product, heads by reshape + transpose, two matmuls
+        qkv = jnp.transpose(_apply(op.qkv, x, layout).reshape(b, n, 3, h, c // h), (2, 0, 3, 1, 4))
+        attn = jax.nn.softmax(jnp.matmul(qkv[0], jnp.swapaxes(qkv[1], -1, -2)), axis=-1)
+        y = jnp.transpose(jnp.matmul(attn, qkv[2]), (0, 2, 1, 3)).reshape(b, n, c)
+        return _apply(op.proj, y, layout)
     if isinstance(op, TakeTokens):
         return x[:, :op.count]
     if isinstance(op, GlobalPool):
@@ -312,6 +316,8 @@ def _apply(op, x, layout):
     if isinstance(op, Flatten):
         return x.reshape(x.shape[0], -1)
     if isinstance(op, Linear):
+        if x.ndim > 2:  # tokens: one 2-D product (ONNX Gemm, TFLite FULLY_CONNECTED), not an Einsum / BATCH_MATMUL
+            return _apply(op, x.reshape(-1, x.shape[-1]), layout).reshape(*x.shape[:-1], op.weight.shape[1])
         return x @ jnp.asarray(op.weight) + jnp.asarray(op.bias)
     raise TypeError(f"unknown folded op {op!r}")
 

@@ -116,12 +116,11 @@ class LayerNorm:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Attention:
-    """Multi-head self-attention over tokens: `softmax(q k^T) v` per head, then `proj`. The 1/sqrt(head dim) scale is
-    folded into `q` (exact for the power-of-two head dims of every registered ViT)."""
+    """Multi-head self-attention over tokens: `q, k, v` from one dense `qkv` (C -> 3C, in that order), `softmax(q k^T)
+    v` per head, then `proj`. The 1/sqrt(head dim) scale is folded into the q part of `qkv` (exact for the
+    power-of-two head dims of every registered ViT)."""
 
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: Linear
     proj: Linear
     heads: int
 

@@ -37,11 +37,10 @@ def dense(lin: Linear, x: jax.Array) -> jax.Array:
     return x @ lin.weight.astype(x.dtype).T + lin.bias.astype(x.dtype)
 
 
-def _fold_dense(lin: Linear, rows: slice = slice(None), scale: float = 1.0) -> F.Linear:
-    """A dense layer (or the output `rows` of one, scaled) as a folded `x @ W + b`."""
-    w = np.ascontiguousarray(np.asarray(lin.weight, np.float64)[rows].T * scale)
-    b = np.asarray(lin.bias, np.float64)[rows] * scale
-    return F.Linear(w.astype(np.float32), b.astype(np.float32))
+def _fold_dense(lin: Linear) -> F.Linear:
+    """A dense layer as a folded `x @ W + b`."""
+    w = np.ascontiguousarray(np.asarray(lin.weight, np.float32).T)
+    return F.Linear(w, np.asarray(lin.bias, np.float32))
 
 
 def _fold_norm(norm: LayerNorm) -> F.LayerNorm:
@@ -71,9 +70,10 @@ class Attention(eqx.Module):
 
     def fold(self) -> F.Attention:
         d = self.proj.weight.shape[0]
-        q, k, v = (_fold_dense(self.qkv, slice(i * d, (i + 1) * d), (d // self.num_heads) ** -0.5 if i == 0 else 1.0)
-                   for i in range(3))
-        return F.Attention(q, k, v, _fold_dense(self.proj), self.num_heads)
+        scale = np.concatenate([np.full(d, (d // self.num_heads) ** -0.5), np.ones(2 * d)])
+        qkv = _fold_dense(self.qkv)
+        qkv = F.Linear((qkv.weight * scale).astype(np.float32), (qkv.bias * scale).astype(np.float32))
+        return F.Attention(qkv, _fold_dense(self.proj), self.num_heads)
 
 
 class Mlp(eqx.Module):
