@@ -221,3 +221,22 @@ def test_save_removes_temp_files_of_killed_saves(tmp_path):
     model, state = create("cifar_resnet20", num_classes=3, key=jax.random.key(1), depths=(1, 1, 1))
     patient.save(tmp_path / "m.eqx", model, state)
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("edit, expect", [
+    ({"depth": 100000}, "more than 1000 blocks"),  # tracing 100000 blocks would itself take minutes
+    ({"embed_dim": 24576, "depth": 12}, "describes a model of"),  # ~87 GB of zeros
+])
+def test_edited_transformer_header_is_refused_before_building(tmp_path, edit, expect):
+    from patient.io import _header_hash
+
+    model, state = create("deit_tiny_patch16_224", num_classes=10, key=jax.random.key(0), depth=1, embed_dim=48,
+                          num_heads=3, patch_size=8, resolution=32)
+    head, payload = patient.save(tmp_path / "vit.eqx", model, state).read_bytes().split(b"\n", 1)
+    header = json.loads(head)
+    header["spec"]["kwargs"].update(edit)
+    header["header_sha256"] = _header_hash(header)
+    bad = tmp_path / "edited.eqx"
+    bad.write_bytes(json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+    with pytest.raises(PatientFileError, match=expect):
+        patient.load(bad)

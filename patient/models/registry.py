@@ -91,7 +91,7 @@ def check_spec_bounds(spec: ModelSpec) -> None:
     if not 1 <= spec.resolution <= 4096:
         raise ValueError(f"resolution {spec.resolution} outside 1..4096")
     for k, v in spec.kwargs:
-        if k == "depths" and sum(x for x in walk(v) if isinstance(x, int)) > 1000:
+        if k in ("depths", "depth") and sum(x for x in walk(v) if isinstance(x, int)) > 1000:  # ViT: `depth`
             raise ValueError(f"depths={v!r}: more than 1000 blocks")
         for x in walk(v):
             if isinstance(x, bool) or isinstance(x, str) or x is None:
