@@ -1,7 +1,8 @@
 """Folding: a trained model becomes a plain network of constant-weight operations, ready to convert.
 
-`fold(model, state)` returns a `FoldedNet`, a short tuple of operations with numpy weights. The IR and its JAX forward
-are here; each family's file says how its modules become these ops (a `fold(state)` method on the model):
+`fold(model, state)` returns a `FoldedNet`, a short tuple of operations with numpy weights. The operations are defined
+in `fold_ops` (re-exported here); their JAX forward, shapes and MACs are here; each family's file says how its modules
+become these ops (a `fold(state)` method on the model):
 
 - BatchNorm (running statistics from `state`) is folded into the preceding convolution's weight and bias:
   `w' = w * g / sqrt(v + eps)`, `b' = (b - m) * g / sqrt(v + eps) + beta` (computed in float64, stored as float32).
