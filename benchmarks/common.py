@@ -131,6 +131,46 @@ def study_args(doc: str, full: dict, quick: dict, argv, *, quick_help: str, extr
     return p, a
 
 
+def cached_teacher(path, name: str, *, res: int, steps: int, log, log_every: int = 50, progress: bool = False):
+    """A Fashion-MNIST teacher: `name` trained with `patient.train` on all 60000 training images (mode `same/rc`, Adam
+    3e-3, batch 128, `steps` steps), saved to `path` as .eqx, or read back from there. Returns ((model, state), info)
+    with info `test_top1`, `train_s`, `steps`, `res` and `cached`."""
+    from pathlib import Path
+
+    import jax
+
+    import patient
+    from patient.data import fashion_mnist
+    from patient.models import create
+
+    path = Path(path)
+    if path.is_file():
+        model, state, header = patient.load(path)
+        info = dict(header["meta"], cached=True)
+        log(f"teacher: {path} (cached; it trained in {info['train_s']:.0f} s)")
+    else:
+        t0 = time.perf_counter()
+        teacher = create(name, num_classes=10, key=jax.random.key(0), resolution=res)
+        r = patient.train(teacher, fashion_mnist("train"), eval_data=fashion_mnist("test"), mode="same/rc",
+                          steps=steps, batch_size=128, learning_rate=3e-3, log_every=log_every, progress=progress)
+        model, state = r.student, r.state
+        info = dict(test_top1=r.metrics["top1"], train_s=round(time.perf_counter() - t0, 1), steps=steps, res=res)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        patient.save(path, model, state, meta=info)
+        info["cached"] = False
+        log(f"teacher: trained in {info['train_s']:.0f} s, saved to {path}")
+    log(f"teacher: {name} at {res} px, {steps} steps (same/rc, Adam 3e-3, batch 128) on all 60000 training images; "
+        f"test top-1 {info['test_top1']:.2f}%")
+    return (model, state), info
+
+
+def teacher_note(tinfo) -> str:
+    """The run-time line's remark on where the teacher came from."""
+    if tinfo["cached"]:
+        return f"; teacher loaded from cache, it trained in {tinfo['train_s']} s"
+    return "; teacher trained in this run"
+
+
 def time_call(fn, *, warmup: int, runs: int) -> list[float]:
     """Seconds per call of `fn` (which must block until its work is done), warm-up excluded."""
     for _ in range(warmup):

@@ -71,46 +71,15 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import cpu_model, save_with_header, table  # noqa: E402
+from common import cached_teacher, cpu_model, save_with_header, table, teacher_note  # noqa: E402
 
 CACHE = pathlib.Path("/tmp/patient_bench")
 
 
 def get_teacher(args, log):
     """Train cifar_resnet20 on all 60000 training images once (cached as .eqx); returns ((model, state), info)."""
-    import jax
-
-    import patient
-    from patient.data import fashion_mnist
-    from patient.models import create
-
-    path = CACHE / f"fmnist_cifar_resnet20_{args.res}px_{args.teacher_steps}steps.eqx"
-    if path.is_file():
-        model, state, header = patient.load(path)
-        info = dict(header["meta"], cached=True)
-        log(f"teacher: {path} (cached; it trained in {info['train_s']:.0f} s)")
-    else:
-        t0 = time.perf_counter()
-        teacher = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=args.res)
-        r = patient.train(teacher, fashion_mnist("train"), eval_data=fashion_mnist("test"), mode="same/rc",
-                          steps=args.teacher_steps, batch_size=128, learning_rate=3e-3, log_every=50,
-                          progress=False)
-        model, state = r.student, r.state
-        info = dict(test_top1=r.metrics["top1"], train_s=round(time.perf_counter() - t0, 1),
-                    steps=args.teacher_steps, res=args.res)
-        patient.save(path, model, state, meta=info)
-        info["cached"] = False
-        log(f"teacher: trained in {info['train_s']:.0f} s, saved to {path}")
-    log(f"teacher: cifar_resnet20 at {args.res} px, {args.teacher_steps} steps (same/rc, Adam 3e-3, batch 128) on "
-        f"all 60000 training images; test top-1 {info['test_top1']:.2f}%")
-    return (model, state), info
-
-
-def teacher_note(tinfo) -> str:
-    """The run-time line's remark on where the teacher came from."""
-    if tinfo["cached"]:
-        return f"; teacher loaded from cache, it trained in {tinfo['train_s']} s"
-    return "; teacher trained in this run"
+    return cached_teacher(CACHE / f"fmnist_cifar_resnet20_{args.res}px_{args.teacher_steps}steps.eqx", "cifar_resnet20",
+                          res=args.res, steps=args.teacher_steps, log=log)
 
 
 def run_one(args, teacher, opt, lr, train_src, eval_src):

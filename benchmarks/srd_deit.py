@@ -52,7 +52,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import json_line, save_with_header, table  # noqa: E402
+from common import cached_teacher, json_line, save_with_header, table, teacher_note  # noqa: E402
 from methods import predictions  # noqa: E402  (top-1 class of a model on every example of a source)
 
 CACHE = pathlib.Path.home() / ".cache" / "patient" / "srd_deit"
@@ -62,34 +62,6 @@ ROWS = {  # name: (method, settings text)
     "srd": ("srd", "KL + w * SRD(pre_logits)"),
     "deit": ("deit", "DeiT hard distillation token"),
 }
-
-
-def get_teacher(a, log):
-    import jax
-
-    import patient
-    from patient.data import fashion_mnist
-    from patient.models import create
-
-    path = CACHE / f"teacher_regnety_002_{a.res}px_{a.teacher_steps}steps.eqx"
-    if path.is_file():
-        model, state, header = patient.load(path)
-        info = dict(header["meta"], cached=True)
-        log(f"teacher: {path} (cached; it trained in {info['train_s']:.0f} s)")
-    else:
-        t0 = time.perf_counter()
-        teacher = create("regnety_002", num_classes=10, key=jax.random.key(0), resolution=a.res)
-        r = patient.train(teacher, fashion_mnist("train"), eval_data=fashion_mnist("test"), mode="same/rc",
-                          steps=a.teacher_steps, batch_size=128, learning_rate=3e-3, log_every=100, progress=True)
-        model, state = r.student, r.state
-        info = dict(test_top1=r.metrics["top1"], train_s=round(time.perf_counter() - t0, 1), steps=a.teacher_steps)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        patient.save(path, model, state, meta=info)
-        info["cached"] = False
-        log(f"teacher: trained in {info['train_s']:.0f} s, saved to {path}")
-    log(f"teacher: regnety_002 at {a.res} px, {a.teacher_steps} steps (same/rc, Adam 3e-3, batch 128) on all 60000 "
-        f"training images; test top-1 {info['test_top1']:.2f}%")
-    return (model, state), info
 
 
 def run_one(a, teacher, name, seed, train_src, test_src, t_pred):
@@ -157,7 +129,8 @@ def main():
 
     from patient.data import fashion_mnist, subset
 
-    teacher, tinfo = get_teacher(a, log)
+    teacher, tinfo = cached_teacher(CACHE / f"teacher_regnety_002_{a.res}px_{a.teacher_steps}steps.eqx", "regnety_002",
+                                    res=a.res, steps=a.teacher_steps, log=log, log_every=100, progress=True)
     train_src = subset(fashion_mnist("train"), per_class=a.per_class, seed=0)
     test_src = fashion_mnist("test")
     t_pred, labels = predictions(teacher, test_src, a.res)
@@ -194,8 +167,7 @@ def main():
                   rows=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
     if a.save:
         save_with_header(a.save, lines, run_time=run_time, load=load, modules=(jax, optax, np),
-                         note=f"; teacher {'loaded from cache' if tinfo['cached'] else 'trained in this run'}; "
-                              "finished runs are read back from the cache", shared=True)
+                         note=teacher_note(tinfo) + "; finished runs are read back from the cache", shared=True)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,10 @@ def test_feature_method_errors_at_start_up(teacher):
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key.*learning_rat\\b"):
         Config().replace(learning_rat=1.0)
+    with pytest.raises(ConfigError, match="deit_kind='medium'.*use hard or soft"):
+        Config().replace(deit_kind="medium")
+    with pytest.raises(ConfigError, match="deit_alpha=1.5.*alpha in \\[0, 1\\]"):
+        Config().replace(deit_alpha=1.5)
     with pytest.raises(ConfigError, match="'steps' must be int, got str"):
         Config().replace(steps="ten")
     (tmp_path / "c.toml").write_text('[distill]\nmode = "fm"\nbatchsize = 3\n')

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from patient._files import write_atomic
 from patient.data.views import mode_info
-from patient.models.registry import spec_of, with_resolution
+from patient.models.registry import apply, spec_of, with_resolution
 
 from .config import Config, ConfigError
 from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
@@ -295,12 +295,12 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
     auxiliary modules it trains: FitNets regressors or the SRD projector."""
     from . import feature_losses as fl
 
-    if cfg.method == "deit":
-        from patient.models.registry import apply
+    def shapes(model, state, res):
+        x = jax.ShapeDtypeStruct((2, cfg.channels, res, res), jnp.float32)
+        return jax.eval_shape(lambda m, s, x: apply(m, s, x, train=False)[1], model, state, x)
 
-        x = jax.ShapeDtypeStruct((2, cfg.channels, s_res, s_res), jnp.float32)
-        names = jax.eval_shape(lambda m, s, x: apply(m, s, x, train=False)[1], s_model, s_state, x)
-        if not {"head_cls", "head_dist"} <= set(names):
+    if cfg.method == "deit":
+        if not {"head_cls", "head_dist"} <= set(shapes(s_model, s_state, s_res)):
             raise ConfigError(f"method='deit' needs a student with a distillation token and head "
                               f"(deit_tiny_distilled_patch16_224, deit_small_distilled_patch16_224); "
                               f"{spec_of(s_model).name} has none")
@@ -313,12 +313,6 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
                           "caches the teacher's predictions; use ind/*, same/* or fm")
     if not teachers:
         raise ConfigError(f"method={cfg.method!r} needs a teacher")
-
-    def shapes(model, state, res):
-        x = jax.ShapeDtypeStruct((2, cfg.channels, res, res), jnp.float32)
-        return jax.eval_shape(lambda m, s, x: apply(m, s, x, train=False)[1], model, state, x)
-
-    from patient.models.registry import apply
 
     t_model, t_state = teachers[0]
     sizes = fl.check_feature_shapes(shapes(s_model, s_state, s_res), shapes(t_model, t_state, t_res),
