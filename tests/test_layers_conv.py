@@ -1,0 +1,90 @@
+"""Dense and grouped convolutions (`Conv2d` under `vmap`: a batched conv whose kernel gradient is summed over batch
+chunks on CPU) and GroupNorm (grouped without flattening), against float64 references.
+
+Gradients: `jax.grad` of `lax.conv_general_dilated` in float64. The chunk size is forced small so the last chunk is
+uneven and every example lands in some chunk exactly once.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from patient.models import layers
+from patient.models.layers import Conv2d, GroupNorm
+
+from lanes import fast_only
+
+CASES = [  # (in, out, groups, kernel, stride, padding, size)
+    (6, 8, 1, 3, 1, ((1, 1), (1, 1)), 9),
+    (6, 8, 1, 3, 2, ((1, 1), (1, 1)), 10),
+    (6, 8, 1, 1, 1, ((0, 0), (0, 0)), 7),
+    (6, 8, 1, 1, 2, ((0, 0), (0, 0)), 8),
+    (3, 4, 1, 7, 2, ((3, 3), (3, 3)), 11),  # a ResNet stem
+    (8, 8, 4, 3, 1, ((1, 1), (1, 1)), 9),  # grouped (RegNet), not depthwise
+    (4, 6, 1, 3, 2, ((0, 1), (0, 1)), 8),  # asymmetric padding
+]
+
+
+def _ref_conv(x, w, stride, padding, groups):
+    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                    feature_group_count=groups)
+
+
+# Examples per chunk of 5: one each, 2 + 2 + 1 (the fast lane), the whole batch (as on other backends).
+@pytest.mark.parametrize("chunk", fast_only([1, 2, 5], keep=[2]))
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_equal_float64_lax_conv(case, chunk, monkeypatch):
+    cin, cout, g, k, s, p, n = case
+    monkeypatch.setattr(layers, "_DW_CHUNK_BYTES", chunk * cin * n * n * 4)
+    layers._conv_program.cache_clear()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, cin, n, n)).astype(np.float32)
+    w = rng.standard_normal((cout, cin // g, k, k)).astype(np.float32)
+    out_shape = _ref_conv(x, w, s, p, g).shape
+    cot = rng.standard_normal(out_shape)
+
+    with jax.enable_x64(True):
+        y_ref = _ref_conv(x.astype(np.float64), w.astype(np.float64), s, p, g)
+        gx_ref, gw_ref = jax.grad(lambda x, w: jnp.sum(_ref_conv(x, w, s, p, g) * cot), argnums=(0, 1))(
+            x.astype(np.float64), w.astype(np.float64))
+
+    def loss(x, w):
+        y = jax.vmap(lambda xi: layers._lax_conv(xi, w, s, p, g))(x)
+        return jnp.sum(y * jnp.asarray(cot, jnp.float32)), y
+
+    (_, y), (gx, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+    layers._conv_program.cache_clear()
+    for got, ref in [(y, y_ref), (gx, gx_ref), (gw, gw_ref)]:
+        assert got.dtype == jnp.float32 and got.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=2e-5 * float(np.abs(ref).max()))
+
+
+def test_one_example_and_batched_kernels_take_the_plain_path(getkey):
+    """Without vmap the layer is one conv; with a vmapped kernel (several models at once) it is per-model convs."""
+    conv = Conv2d(4, 6, 3, key=getkey())
+    x = jax.random.normal(getkey(), (2, 4, 8, 8))
+    ref = _ref_conv(x, conv.weight, 1, conv.padding, 1)
+    np.testing.assert_allclose(conv(x[0]), ref[0], rtol=0, atol=1e-5)
+    ws = jnp.stack([conv.weight, 2 * conv.weight])
+    ys = jax.vmap(lambda w: jax.vmap(lambda xi: layers._lax_conv(xi, w, 1, conv.padding, 1))(x))(ws)
+    np.testing.assert_allclose(ys[1], 2 * ref, rtol=0, atol=1e-4)
+    gs = jax.vmap(jax.grad(lambda w: jnp.sum(jax.vmap(lambda xi: layers._lax_conv(xi, w, 1, conv.padding, 1))(x))))(ws)
+    g_ref = jax.grad(lambda w: jnp.sum(_ref_conv(x, w, 1, conv.padding, 1)))(conv.weight)
+    np.testing.assert_allclose(gs[0], g_ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_group_norm_equals_float64_numpy(groups):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 5, 6)).astype(np.float32) * 3 + 1
+    weight, bias = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    gn = eqx.tree_at(lambda m: (m.weight, m.bias), GroupNorm(16, groups), (jnp.asarray(weight), jnp.asarray(bias)))
+    xg = x.astype(np.float64).reshape(groups, -1)
+    ref = ((xg - xg.mean(1, keepdims=True)) / np.sqrt(xg.var(1, keepdims=True) + 1e-5)).reshape(x.shape)
+    ref = ref * weight[:, None, None] + bias[:, None, None]
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda m, x: m(x))(gn, x)), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="divisible"):
+        GroupNorm(10, 4)
