@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from lanes import fast_only
 
 from patient.models import layers
 from patient.models.layers import Conv2d, GroupNorm
-
-from lanes import fast_only
 
 CASES = [  # (in, out, groups, kernel, stride, padding, size)
     (6, 8, 1, 3, 1, ((1, 1), (1, 1)), 9),

@@ -131,7 +131,7 @@ def _kernel_grad(x: Array, w: Array, g: Array, stride: int, padding: tuple, grou
     return total
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_program(stride: int, padding: tuple, groups: int):
     """The one-example conv for a (stride, padding, groups): a `custom_vmap` whose batched rule is a `custom_vjp`
     conv (input gradient as XLA derives it; kernel gradient chunked on CPU, whole elsewhere). A kernel that is itself
