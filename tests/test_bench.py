@@ -162,3 +162,20 @@ def test_bench_and_eval_without_jax_or_tensorflow(files):
 def test_missing_runtime_file_is_one_line():
     with pytest.raises(ModelError, match="no such file"):
         open_model("/nonexistent/model.tflite")
+
+
+def test_eval_maps_a_folder_of_some_classes_by_name():
+    """A folder holding a few of the model's classes is scored against the model's indices of those names (its own
+    labels 0, 1, ... would mean the model's first classes); a class the model does not know is refused."""
+    import types
+
+    from patient.cli.eval import class_map
+    from patient.runtime.data import DataError
+
+    names = [str(i) for i in range(10)]
+    folder = types.SimpleNamespace(class_names=["2", "5", "9"], name="folder")
+    assert class_map(names, folder, relabel=False).tolist() == [2, 5, 9]
+    assert class_map(names, types.SimpleNamespace(class_names=names, name="all"), relabel=False) is None
+    assert class_map(names, folder, relabel=True) is None
+    with pytest.raises(DataError, match=r"classes \[cat\] that the model does not know"):
+        class_map(names, types.SimpleNamespace(class_names=["2", "cat"], name="pets"), relabel=False)

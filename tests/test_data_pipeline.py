@@ -263,3 +263,80 @@ def test_eval_argument_errors(small):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="is empty"):
         pd.eval_pipeline(pd.arrays(np.zeros((0, 4, 4), np.uint8)), resolution=4, batch_size=2)
+
+
+# ----------------------------------------------------------------------------------------- dead loader workers
+
+DYING_SOURCE = '''
+import multiprocessing, os
+import numpy as np
+
+class Dying:
+    """Every read in a worker process kills that process, as the kernel's out-of-memory killer would."""
+    name = "dying"
+    class_names = [str(i) for i in range(10)]
+    labels = np.arange(64) % 10
+    num_classes = 10
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        if multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), 9)
+        return {"image": np.zeros((8, 8), np.uint8), "label": int(i) % 10}
+'''
+
+GUARDED_RUN = '''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import jax
+import patient
+from dying import Dying
+from patient.models import create
+if __name__ == "__main__":
+    model = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=8, depths=(1, 1, 1))
+    t0 = time.time()
+    try:
+        patient.train(model, Dying(), steps=2, batch_size=4, num_workers=2, progress=False)
+    except patient.data.LoaderError as e:
+        print("LOADER-ERROR", round(time.time() - t0), e)
+'''
+
+UNGUARDED_RUN = '''
+import jax
+import patient
+from patient.data import digits
+from patient.models import create
+model = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=8, depths=(1, 1, 1))
+patient.train(model, digits("test"), steps=2, batch_size=4, num_workers=2, progress=False)
+'''
+
+
+def _run_script(tmp_path, name, text, *args, timeout=170):
+    import subprocess
+    import sys
+
+    script = tmp_path / name
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_ends_the_run_within_a_minute(tmp_path):
+    """Regression: a loader worker that died left `distill`/`train` waiting for its batch forever."""
+    (tmp_path / "dying.py").write_text(DYING_SOURCE)
+    r = _run_script(tmp_path, "run.py", GUARDED_RUN, str(tmp_path))
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("LOADER-ERROR")), None)
+    assert line is not None, (r.stdout + r.stderr)[-3000:]
+    seconds = int(line.split()[1])
+    assert seconds <= 60 and "worker process died" in line and "exit code -9" in line, line
+
+
+@pytest.mark.slow
+def test_workers_from_an_unguarded_script_are_refused_before_any_work(tmp_path):
+    """Regression: spawned workers re-ran a script without the `__main__` guard, died, and the parent hung."""
+    r = _run_script(tmp_path, "unguarded.py", UNGUARDED_RUN)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("patient.data.pipeline.LoaderError: num_workers=2") and "__main__" in last, r.stderr[-2000:]
+

@@ -370,6 +370,7 @@ def test_cli_bad_input(bad_inputs, tmp_path, capsys, case):
 
     argv, expect = BAD_CASES[case]
     out = tmp_path / "out" / "model.bin"
+    out.parent.mkdir()
     argv = [a.format(**{k: str(v) for k, v in bad_inputs.items()}) for a in argv] + ["-o", str(out)]
     try:
         rc = main(argv)
@@ -378,4 +379,4 @@ def test_cli_bad_input(bad_inputs, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
     assert len(err) == 1 and err[0].startswith("patient-export: error:") and expect in err[0], err
-    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    assert list(out.parent.iterdir()) == []

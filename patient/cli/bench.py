@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .common import Parser, emit_json, fail, run
+from .common import Parser, check_output, emit_json, fail, run
 
 PROG = "patient-bench"
 
@@ -58,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench(args) -> int:
     from patient.bench.latency import bench, library_versions, machine_info, plot, table
     from patient.runtime.models import model_format
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output(path, flag)
 
     formats = [model_format(m) for m in args.models]  # every file checked before any timing starts
     rows = []

@@ -36,12 +36,15 @@ def parser() -> Parser:
     p.add_argument("--limit", type=int, help="evaluate the first N examples only")
     p.add_argument("--threads", type=int, help="intra-op threads for onnxruntime / LiteRT")
     p.add_argument("--json", help="also write the JSON result here")
+    p.add_argument("--relabel", action="store_true",
+                   help="the data's class names differ from the model's, yet its label i is the model's class i")
     return p
 
 
 def evaluate(runner: Runner, source: ArraySource | ImageFolderSource | SubsetSource, *, batch: int = 64,
-             limit: int | None = None) -> dict:
-    """Top-1 / top-5 of `runner` (a `patient.runtime.models.Runner`) over `source`."""
+             limit: int | None = None, classes: np.ndarray | None = None) -> dict:
+    """Top-1 / top-5 of `runner` (a `patient.runtime.models.Runner`) over `source`; `classes[i]` is the model's class
+    of the data's label i (`class_map`; None: the same)."""
     from patient.runtime.data import DataError, batches
 
     k = runner.num_classes
@@ -50,6 +53,8 @@ def evaluate(runner: Runner, source: ArraySource | ImageFolderSource | SubsetSou
         if k is not None and labels.max(initial=-1) >= k:
             raise DataError(f"{source.name} has label {int(labels.max())} but the model has {k} classes")
         keep = labels >= 0  # unlabelled examples (-1) do not count
+        if classes is not None:
+            labels = np.where(keep, classes[np.maximum(labels, 0)], labels)
         logits = runner.predict(images, batch_size=batch)[keep]
         labels = labels[keep]
         top = np.argsort(-logits, axis=1)[:, :5]
@@ -70,15 +75,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, lambda: _eval(args))
 
 
+def class_map(model_names: Sequence[str] | None, source: object, relabel: bool) -> np.ndarray | None:
+    """The model's class index of each of the data's labels, by class name: None when the names agree (or either side
+    has none, or `relabel` says label i is class i); an index array when the data holds some of the model's classes (a
+    folder of a few classes). Data with a class the model does not know is refused: its labels would mean other
+    classes and the top-1 would be a plausible-looking number of nothing."""
+    from patient.runtime.data import DataError
+
+    data_names = [str(n) for n in (getattr(source, "class_names", None) or [])]
+    model_names = [str(n) for n in (model_names or [])]
+    if relabel or not model_names or not data_names or data_names == model_names:
+        return None
+    unknown = [n for n in data_names if n not in model_names]
+    if unknown:
+        raise DataError(f"{source.name} has classes {_few(unknown)} that the model does not know (it was trained on "
+                        f"{_few(model_names)}); evaluate on data with the model's classes, or pass --relabel if the "
+                        "data's label i really is the model's class i")
+    return np.asarray([model_names.index(n) for n in data_names])
+
+
+def _few(names: Sequence[str]) -> str:
+    names = [str(n) for n in names]
+    return "[" + ", ".join(names[:4]) + (f", ... {len(names)} in all]" if len(names) > 4 else "]")
+
+
 def _eval(args) -> int:
+    from .common import check_output
+
+    if args.json:
+        check_output(args.json, "--json")
     from patient.runtime import open_model, open_source
 
     t0 = time.perf_counter()
     runner = open_model(args.model, threads=args.threads, resolution=args.resolution, batch=None)
     source = open_source(args.data, args.split)
+    classes = class_map(runner.class_names, source, args.relabel)
     if runner.format == "eqx" and args.resolution is not None:
         _check_eqx_resolution(runner, args.resolution)
-    result = evaluate(runner, source, batch=args.batch, limit=args.limit)
+    result = evaluate(runner, source, batch=args.batch, limit=args.limit, classes=classes)
     result = {"model": args.model, "format": runner.format, "quantization": runner.meta.get("quantization", "none"),
               "data": args.data, "split": args.split if not args.data.startswith("image_folder:") else None,
               "resolution": runner.resolution, **result, "seconds": round(time.perf_counter() - t0, 1)}

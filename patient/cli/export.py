@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .common import Parser, emit_json, fail, run
+from .common import Parser, check_output, emit_json, fail, run
 
 PROG = "patient-export"
 
@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export(args) -> int:
+    if args.output:
+        check_output(args.output, "--output")
     kwargs = dict(batch=args.batch, dynamic_batch=args.dynamic_batch, resolution=args.resolution,
                   quantize=args.quantize, calibration=args.calibration, calibration_size=args.calibration_size,
                   verify_data=args.verify_data, verify_size=args.verify_size, tolerance=args.tolerance,

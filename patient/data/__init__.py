@@ -37,6 +37,7 @@ __all__ = [
     "MODES",
     "ArraySource",
     "ImageFolderSource",
+    "LoaderError",
     "ModeInfo",
     "SubsetSource",
     "ViewParams",
@@ -68,10 +69,10 @@ def __getattr__(name):
 
     if name == "mixup":
         globals()["mixup"] = importlib.import_module("patient.data.mixup").mixup
-    elif name in ("eval_pipeline", "fixed_teacher_views", "pipeline"):
+    elif name in ("LoaderError", "eval_pipeline", "fixed_teacher_views", "pipeline"):
         module = importlib.import_module("patient.data.pipeline")
-        globals().update(eval_pipeline=module.eval_pipeline, fixed_teacher_views=module.fixed_teacher_views,
-                         pipeline=module.pipeline)
+        globals().update(LoaderError=module.LoaderError, eval_pipeline=module.eval_pipeline,
+                         fixed_teacher_views=module.fixed_teacher_views, pipeline=module.pipeline)
     else:
         raise AttributeError(f"module 'patient.data' has no attribute {name!r}")
     return globals()[name]

@@ -25,7 +25,12 @@ spawned (not forked), so a script that uses `num_workers > 0` needs the usual `i
 
 from __future__ import annotations
 
+import ast
+import multiprocessing
 import os
+import sys
+import threading
+import time
 from typing import Any
 
 import grain
@@ -33,7 +38,7 @@ import numpy as np
 
 from patient.data import views as _views
 
-__all__ = ["eval_pipeline", "fixed_teacher_views", "pipeline"]
+__all__ = ["LoaderError", "eval_pipeline", "fixed_teacher_views", "pipeline", "watch_workers"]
 
 
 def _check_res(name: str, value: Any) -> tuple[int, int]:
@@ -177,6 +182,106 @@ class _RenderFixedTeacher:
         return np.stack([_views.render(pil, p, self.resolution, self.channels) for p in params])
 
 
+class LoaderError(RuntimeError):
+    """The input pipeline cannot deliver batches (a worker process died, or workers cannot start)."""
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """`__name__ == "__main__"` (either order)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(a, ast.Name) and a.id == "__name__" for a in sides) and any(
+        isinstance(a, ast.Constant) and a.value == "__main__" for a in sides)
+
+
+def _unguarded_script() -> str | None:
+    """The path of the `__main__` script when this call comes from its top-level code outside an
+    `if __name__ == "__main__":` block (spawned workers re-run that code, start workers of their own and die);
+    None otherwise (guarded, interactive, `python -c`, a test runner, a worker process)."""
+    if multiprocessing.parent_process() is not None:
+        return None
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not str(path).endswith(".py") or not os.path.isfile(path):
+        return None
+    frame = sys._getframe()
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"
+                                     and frame.f_code.co_filename == path):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    line = frame.f_lineno
+    guarded = any(isinstance(n, ast.If) and _is_main_test(n.test) and n.lineno <= line <= (n.end_lineno or n.lineno)
+                  for n in ast.walk(tree))
+    return None if guarded else str(path)
+
+
+def _check_workers_can_start(num_workers: int) -> None:
+    script = _unguarded_script() if num_workers > 0 else None
+    if script is not None:
+        raise LoaderError(f"num_workers={num_workers} starts worker processes that re-run {script}; put the code that "
+                          f"calls patient under `if __name__ == \"__main__\":` or use num_workers=0")
+
+
+class watch_workers:
+    """Wrap a pipeline iterator so that a dead loader worker ends the run with `LoaderError` instead of a wait that
+    never ends: each batch is awaited in a helper thread while this thread checks, every `poll` seconds, that the
+    worker processes started for it are alive. With `num_workers == 0` it is the iterator itself, unchanged.
+    `get_state`, `set_state` and `close` pass through (call them between batches, as the trainer does)."""
+
+    def __new__(cls, it, num_workers: int, *, poll: float = 1.0, start_timeout: float = 60.0):
+        if num_workers == 0:
+            return it
+        self = super().__new__(cls)
+        self._it, self._poll, self._start_timeout = it, poll, start_timeout
+        self._seen: dict[int, multiprocessing.process.BaseProcess] = {}
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._it, name)
+
+    def __next__(self):
+        box: dict[str, Any] = {}
+
+        def fetch():
+            try:
+                box["value"] = next(self._it)
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+                box["error"] = e
+
+        t = threading.Thread(target=fetch, name="patient-batch", daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        while True:
+            t.join(self._poll)
+            if not t.is_alive():
+                if "error" in box:
+                    raise box["error"]
+                return box["value"]
+            self._check(time.monotonic() - t0)
+
+    def _check(self, waited: float) -> None:
+        for proc in multiprocessing.active_children():
+            self._seen.setdefault(proc.pid, proc)
+        dead = [p for p in self._seen.values() if p.exitcode not in (None, 0)]
+        if dead:
+            codes = ", ".join(f"pid {p.pid} exit code {p.exitcode}" for p in dead)
+            raise LoaderError(f"a data loader worker process died ({codes}); a worker that is killed (out of memory?) "
+                              "or fails at start cannot deliver batches; lower num_workers or batch_size, or use "
+                              "num_workers=0 to load in this process")
+        if waited > self._start_timeout and not any(p.is_alive() for p in self._seen.values()):
+            raise LoaderError(f"no data loader worker process is running and no batch arrived in {waited:.0f} s; "
+                              "use num_workers=0 to load in this process")
+
+
 # ------------------------------------------------------------------------------------------------- public pipelines
 
 
@@ -228,6 +333,7 @@ def pipeline(
         raise ValueError(f"seed={seed!r} must be a non-negative integer")
     if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
         raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0 (0 = no worker processes)")
+    _check_workers_can_start(int(num_workers))
     if (
         not isinstance(shard, (tuple, list))
         or len(shard) != 2

@@ -25,7 +25,7 @@ from patient.models.registry import apply, spec_of, with_resolution
 from .config import Config, ConfigError
 from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
 from .teachers import cast_floating, fixed_teacher_cache, is_writer, resolve_model
-from .workdir import Checkpoints, History, check_same_run
+from .workdir import Checkpoints, History, check_no_symlinks, check_same_run
 
 if TYPE_CHECKING:
     from .teachers import DataLike, ModelLike, TeacherLike
@@ -54,6 +54,9 @@ def _as_source(data):
         return arrays(data[0], data[1])
     if isinstance(data, np.ndarray):
         return arrays(data)
+    if isinstance(data, (str, bytes, os.PathLike)):  # a str has len and indexing: it would pass for a 6-image source
+        raise TypeError(f"data={data!r} is a name, not a source; pass patient.data.digits('train'), "
+                        "fashion_mnist('train'), image_folder(PATH) or arrays(images, labels)")
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TypeError(f"data must be a patient.data source (digits(), fashion_mnist(...), image_folder(...), "
                         f"arrays(...)) or an (images, labels) pair of arrays, got {type(data).__name__}")
@@ -192,6 +195,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     workdir = Path(workdir) if workdir is not None else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
+        check_no_symlinks(workdir)
         check_same_run(workdir, cfg)
         if is_writer():  # one writer; every process checks the run it resumes
             write_atomic(workdir / "config.toml", cfg.to_toml())
@@ -213,12 +217,12 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     ts = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), ts)
     ts = jax.device_put(ts, replicated)
 
-    from patient.data import pipeline
+    from patient.data.pipeline import pipeline, watch_workers
 
     ds = pipeline(source, mode=info.name, student_res=s_res, teacher_res=t_res, batch_size=per_host, seed=cfg.seed,
                   num_workers=cfg.num_workers, shard=(jax.process_index(), n_proc), channels=cfg.channels,
                   crop_area=(cfg.crop_area_min, 1.0))
-    it = iter(ds)
+    it = watch_workers(iter(ds), cfg.num_workers)
     ckpt = Checkpoints(workdir, cfg) if workdir is not None else None
     if ckpt is not None and ckpt.latest() is not None:
         ts, data_state = ckpt.restore(ts)

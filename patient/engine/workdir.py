@@ -52,6 +52,27 @@ def check_same_run(workdir: Path, cfg: Config) -> None:
                           f"delete {workdir} to start over")
 
 
+# What a run writes in its workdir. None of it may be a symbolic link: a link planted there (or left by a copy) would
+# send the run's writes to wherever it points.
+WRITTEN = ("config.toml", "history.jsonl", "checkpoints", "tensorboard", "teacher_cache-*.npy")
+
+
+def check_no_symlinks(workdir: Path) -> None:
+    """Refuse, before any work, a workdir whose files or folders that the run writes are symbolic links (the
+    workdir itself may be one: that is where the user chose to put the run)."""
+    links = sorted({p.name for pattern in WRITTEN for p in workdir.glob(pattern) if p.is_symlink()})
+    if links:
+        raise ConfigError(f"workdir {workdir} has symbolic links where the run writes ({', '.join(links)}); a run "
+                          f"never writes through links: remove them or use a new workdir")
+
+
+def _append_no_follow(path: Path, text: str) -> None:
+    """Append to `path`, refusing (OSError ELOOP) to open it through a symbolic link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a") as f:
+        f.write(text)
+
+
 class History:
     """`history.jsonl` and the TensorBoard events of a run (in memory only when there is no workdir).
 
@@ -83,8 +104,7 @@ class History:
         self.rows.append(row)
         if not self._write:
             return
-        with open(self.workdir / "history.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        _append_no_follow(self.workdir / "history.jsonl", json.dumps(row) + "\n")
         if self._tb is not None:
             for tag, value in row.items():
                 if tag != "step" and isinstance(value, (int, float)):

@@ -119,8 +119,11 @@ def create(name: str, *, num_classes: int, key: jax.Array | None, weights: str |
     **Returns:** `(model, state)`; `state` holds BatchNorm running statistics (`{}` for GroupNorm models).
     """
     entry = describe(name)
-    if not isinstance(num_classes, int) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= 1_000_000:
+        raise ValueError(f"num_classes must be an integer in 1..1000000, got {num_classes!r}")
+    if resolution is not None and (not isinstance(resolution, (int, np.integer)) or isinstance(resolution, bool)
+                                   or not 1 <= resolution <= 4096):
+        raise ValueError(f"resolution must be an integer in 1..4096 px (or None for {name}'s own), got {resolution!r}")
     kwargs = {**entry.kwargs, **overrides}
     family = FAMILIES[entry.family]
     cls = family.cls
