@@ -102,6 +102,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     Only the first MAX_HEADER_BYTES are read before the header is checked, and the payload is read only when the
     file's size is the one the header declares, so a large or foreign file costs no memory before its error."""
     path = Path(path)
+    if path.is_dir():
+        raise PatientFileError(f"{path} is a folder, not an .eqx file; give the file written by patient.save")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:

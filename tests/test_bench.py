@@ -99,7 +99,7 @@ def test_eval_same_top1_for_every_format(files, capsys):
 
 @pytest.mark.parametrize("argv, expect", [
     (["{missing}", "--data", "digits"], "no such file"),
-    (["{folder}", "--data", "digits"], "no such file"),
+    (["{folder}", "--data", "digits"], "is a folder, not a model file"),
     (["{text}", "--data", "digits"], "unknown model format"),
     (["{onnx}", "--data", "digits", "--resolution", "64"], "fixed shape"),
     (["{eqx}", "--data", "digits", "--resolution", "0"], "positive integer"),

@@ -75,6 +75,8 @@ def inputs(tmp_path_factory):
     _png(d / "corrupt" / "b" / "ok.png", 90)
     (d / "not_toml.toml").write_text("learning_rate = = 3")
     (d / "file").write_text("a file, not a folder")
+    (d / "link.eqx").symlink_to(d / "nowhere.eqx")
+    (d / "deadlink").symlink_to(d / "nowhere")
     return d
 
 
@@ -110,6 +112,10 @@ CLI_CASES = [  # (id, module, argv, expected text in the error line); {in} input
     ("eval-resolution-zero", eval_cli, ["{in}/teacher.eqx", "--data", "digits", "--resolution", "0"], "resolution"),
     ("eval-json-missing-dir", eval_cli, ["{in}/teacher.eqx", "--data", "digits", "--json", "{out}/no/r.json"],
      "does not exist"),
+    ("eval-model-is-a-folder", eval_cli, ["{in}/empty", "--data", "digits"], "is a folder"),
+    ("eval-threads-huge", eval_cli, ["{in}/teacher.eqx", "--data", "digits", "--threads", "100000"], "--threads"),
+    ("eval-json-unwritable", eval_cli, ["{in}/teacher.eqx", "--data", "digits", "--json", "/proc/r.json"],
+     "cannot create files"),
     # patient-train
     ("train-out-missing-dir", train, ["--model", "cifar_resnet20", "--out", "{out}/no/m.eqx"], "does not exist"),
     ("train-out-is-dir", train, ["--model", "cifar_resnet20", "--out", "{out}"], "is a directory"),
@@ -145,7 +151,18 @@ CLI_CASES = [  # (id, module, argv, expected text in the error line); {in} input
      "bad.png"),
     ("train-workdir-is-file", train, ["--model", "cifar_resnet20", "--workdir", "{in}/file", "--set", "steps=2",
                                       "--out", "{out}/m.eqx"], "file"),
+    ("train-out-is-a-link", train, ["--model", "cifar_resnet20", "--out", "{in}/link.eqx"], "symbolic link"),
+    ("train-out-unwritable", train, ["--model", "cifar_resnet20", "--out", "/proc/m.eqx"], "cannot create files"),
+    ("train-config-is-a-folder", train, ["--model", "cifar_resnet20", "--config", "{in}/empty", "--out",
+                                         "{out}/m.eqx"], "is a folder"),
+    ("train-config-is-binary", train, ["--model", "cifar_resnet20", "--config", "{in}/teacher.eqx", "--out",
+                                       "{out}/m.eqx"], "not a text file"),
+    ("train-workdir-dead-link", train, ["--model", "cifar_resnet20", "--workdir", "{in}/deadlink", "--set",
+                                        "steps=2", "--out", "{out}/m.eqx"], "symbolic link to nothing"),
     # patient-distill
+    ("distill-teacher-of-other-classes", distill, ["--teacher", "{in}/teacher.eqx", "--student", "cifar_resnet20",
+                                                   "--data", "image_folder:{in}/other_names", "--out", "{out}/s.eqx"],
+     "predicts classes"),
     ("distill-missing-teacher", distill, ["--teacher", "{in}/nope.eqx", "--student", "cifar_resnet20", "--out",
                                           "{out}/s.eqx"], "nope.eqx"),
     ("distill-no-student", distill, ["--teacher", "{in}/teacher.eqx", "--out", "{out}/s.eqx"], "--student"),
@@ -172,7 +189,12 @@ CLI_CASES = [  # (id, module, argv, expected text in the error line); {in} input
     ("export-bad-opset", export, ["{in}/teacher.eqx", "--to", "onnx", "-o", "{out}/m.onnx", "--opset", "7"], "opset"),
     ("export-batch-zero", export, ["{in}/teacher.eqx", "--to", "onnx", "-o", "{out}/m.onnx", "--batch", "0"],
      "batch"),
+    ("export-onto-itself", export, ["{in}/teacher.eqx", "--to", "onnx", "-o", "{in}/teacher.eqx"],
+     "is the model being exported"),
+    ("export-batch-huge", export, ["{in}/teacher.eqx", "--to", "onnx", "-o", "{out}/m.onnx", "--batch", "100000000"],
+     "between 1 and 4096"),
     # patient-bench
+    ("bench-runs-huge", bench, ["{in}/teacher.eqx", "--runs", "100000000000"], "--runs"),
     ("bench-missing-file", bench, ["{in}/nope.onnx"], "nope.onnx"),
     ("bench-fake-onnx", bench, ["{in}/fake.onnx", "--runs", "2", "--warmup", "0"], "fake.onnx"),
     ("bench-threads-zero", bench, ["{in}/teacher.eqx", "--threads", "0"], "threads"),
@@ -236,6 +258,10 @@ API_CASES = [  # (id, call(inputs, out), exception, text)
     ("api-workdir-symlinked-history", lambda i, o: patient.train(_student(), _digits(), steps=1, batch_size=8,
                                                                  progress=False, workdir=_linked_workdir(o)),
      ValueError, "symbolic link"),
+    ("api-evaluate-batch-zero", lambda i, o: patient.evaluate(_student(), _digits(), batch_size=0), ValueError,
+     "batch_size"),
+    ("api-workdir-is-a-file", lambda i, o: patient.train(_student(), _digits(), steps=1, progress=False,
+                                                         workdir=i / "file"), ValueError, "is a file"),
     ("api-pipeline-negative-workers", lambda i, o: _pipeline(num_workers=-1), ValueError, "num_workers"),
     ("api-pipeline-bad-crop", lambda i, o: _pipeline(crop_area=(0.0, 1.0)), ValueError, "crop_area"),
 ]
@@ -286,3 +312,18 @@ def test_api_mistake_raises_one_line_and_writes_nothing(call, exc, expect, input
     assert set(after) - set(before) <= prepared, f"written: {set(after) - set(before)}"
     if (out / "elsewhere.txt").exists():
         assert (out / "elsewhere.txt").read_text() == "", "the run wrote through a symbolic link"
+
+
+@pytest.mark.parametrize("raised, code, expect", [
+    (MemoryError("Unable to allocate 286. GiB"), 2, "out of memory"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_interrupts_and_memory_end_in_one_line(raised, code, expect, inputs, capsys, monkeypatch):
+    """Ctrl-C during a command and an allocation that cannot succeed print one line, not a traceback."""
+    def boom(args):
+        raise raised
+
+    monkeypatch.setattr(eval_cli, "_eval", boom)
+    rc = eval_cli.main([str(inputs / "teacher.eqx"), "--data", "digits"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == code and len(lines) == 1 and lines[0].startswith("patient-eval: ") and expect in lines[0], lines

@@ -411,6 +411,28 @@ def test_workdir_belongs_to_one_run(tmp_path):
         run(steps=6, mode="fm")
 
 
+def test_workdir_refuses_another_student_or_data(tmp_path):
+    """Regression: resuming a workdir with another student (architecture or resolution) or other data returned the
+    old run's weights under the new model's name; the inputs are recorded in run.json and compared."""
+    from patient.engine.config import ConfigError
+
+    def run(res=RES, depths=(1, 1, 1), data=None):
+        model = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=res, depths=depths)
+        return train(model, data or digits("test"), workdir=tmp_path, steps=2, batch_size=32, checkpoint_every=1,
+                     progress=False, mode="same/rc")
+
+    run()
+    assert json.loads((tmp_path / "run.json").read_text())["student"] == f"cifar_resnet20 at {RES} px, 10 classes"
+    run()  # the same inputs resume
+    with pytest.raises(ConfigError, match=rf"student \(cifar_resnet20 at {RES} px, 10 classes -> cifar_resnet20 at "
+                                          rf"{RES + 4} px, 10 classes\)"):
+        run(res=RES + 4)
+    with pytest.raises(ConfigError, match=r"student \(other weights\)"):
+        run(depths=(1, 2, 1))
+    with pytest.raises(ConfigError, match=r"data \(digits\[test\] \(355 examples\) -> digits\[train\]"):
+        run(data=digits("train"))
+
+
 @pytest.mark.slow
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path):
     script = tmp_path / "run.py"

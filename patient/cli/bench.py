@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         return fail(PROG, "--runs must be >= 1, --warmup >= 0 and --batch >= 1")
+    if args.runs > 1_000_000 or args.warmup > 100_000 or (args.batch is not None and args.batch > 65536):
+        return fail(PROG, "--runs above 1000000, --warmup above 100000 or --batch above 65536 would run for days; "
+                          "1000 runs give a stable median")
     return run(PROG, lambda: _bench(args))
 
 

@@ -44,11 +44,47 @@ def fail(prog: str, err: BaseException | str) -> int:
 
 
 def run(prog: str, work: Callable[[], int]) -> int:
-    """`work()`, with user errors turned into one line and an exit code (see the module docstring)."""
+    """`work()`, with user errors turned into one line and an exit code (see the module docstring). Ctrl-C and
+    SIGTERM end in one line and exit 130 / 143 (checkpoints already written stay; a rerun resumes); running out of
+    memory (numpy's MemoryError, XLA's RESOURCE_EXHAUSTED) is one line naming the way out."""
+    import signal
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
     try:
         return work()
     except USER_ERRORS as e:
         return fail(prog, e)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; files already written are complete (a --workdir run resumes from its last "
+              "checkpoint)", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"{prog}: terminated (SIGTERM); a --workdir run resumes from its last checkpoint", file=sys.stderr)
+        return 143
+    except MemoryError as e:
+        return fail(prog, f"out of memory ({str(e).strip() or 'MemoryError'}); lower the batch size or resolution")
+    except Exception as e:  # noqa: BLE001  (XLA's allocation failure; anything else keeps its traceback)
+        if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
+                "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)):
+            first = str(e).strip().splitlines()[0][:200]
+            return fail(prog, f"the device ran out of memory ({first}); lower the batch size or resolution")
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so `finally` blocks (checkpoint managers, temp files) run."""
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def emit_json(result: dict, path: str | None = None) -> str:
@@ -67,14 +103,24 @@ def check_output(path: str, flag: str = "--out") -> None:
     writable, or the path itself is a directory."""
     p = Path(path)
     parent = p.parent  # Path("x.eqx").parent is Path(".")
+    if p.is_symlink():
+        raise ValueError(f"{flag} {path} is a symbolic link; files are written in place of links, never through "
+                         f"them: give the real path ({p.resolve()}) or remove the link")
     if p.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file path such as {p / 'model.eqx'}")
     if not parent.exists():
         raise ValueError(f"{flag} {path}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
         raise ValueError(f"{flag} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: directory {parent} is not writable")
+    # A real probe: permission bits say nothing about read-only mounts or /proc (and root passes every os.access).
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.probe.", dir=parent)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 # ------------------------------------------------------------------------------------------------- training commands

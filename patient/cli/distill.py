@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ def parser() -> Parser:
     p.add_argument("--student", help=".eqx file or registry name")
     add_training_args(p, data_default="digits")
     p.add_argument("--out", default="student.eqx", help="where to write the distilled student")
+    p.add_argument("--relabel", action="store_true",
+                   help="the data's class names differ from the teacher's, yet its label i is the teacher's class i")
     return p
 
 
@@ -45,11 +48,29 @@ def _distill(args) -> int:
     if not args.teacher or not args.student:
         raise ValueError("--teacher and --student are required (or run --demo)")
     cfg, data, eval_data = training_inputs(args)
+    if not args.relabel:
+        _check_teacher_classes(args.teacher, data)
     teachers = args.teacher if len(args.teacher) > 1 else args.teacher[0]
     t0 = time.perf_counter()
     result = distill(teachers, args.student, data, eval_data=eval_data, config=cfg, workdir=args.workdir)
     save_result(args.out, result, cfg, getattr(data, "class_names", None), time.perf_counter() - t0)
     return 0
+
+
+def _check_teacher_classes(teachers: list[str], data: object) -> None:
+    """The student records the data's class names; a teacher .eqx that records others predicts other classes, so the
+    student would be named after classes it never learnt. Refused unless --relabel says the order is the same."""
+    from patient.io import read_header
+
+    data_names = [str(n) for n in (getattr(data, "class_names", None) or [])]
+    for path in teachers:
+        if not path.endswith(".eqx") or not data_names or not os.path.isfile(path):
+            continue  # a registry name, or a missing file (the engine names it)
+        names = read_header(path)[0].get("class_names")
+        if names and [str(n) for n in names] != data_names:
+            raise ValueError(f"teacher {path} predicts classes {names[:4]}... but the data's are {data_names[:4]}... "
+                             "(in that order); distil on data of the teacher's classes, or pass --relabel if the "
+                             "data's label i really is the teacher's class i")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the model's resolution, [0, 1], NCHW). Prints one summary line, then one JSON li
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, "--batch and --limit must be at least 1")
     if args.resolution is not None and args.resolution < 1:
         return fail(PROG, f"--resolution must be a positive integer, got {args.resolution}")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        return fail(PROG, f"--threads {args.threads} must be between 1 and 256 (this machine has {os.cpu_count()} cores)")
     return run(PROG, lambda: _eval(args))
 
 
@@ -116,8 +119,12 @@ def _eval(args) -> int:
     result = {"model": args.model, "format": runner.format, "quantization": runner.meta.get("quantization", "none"),
               "data": args.data, "split": args.split if not args.data.startswith("image_folder:") else None,
               "resolution": runner.resolution, **result, "seconds": round(time.perf_counter() - t0, 1)}
+    trained = (runner.meta.get("preprocessing") or {}).get("resolution")
+    if isinstance(trained, int) and trained != runner.resolution:  # a deliberate --resolution: say what it departs from
+        result["trained_resolution"] = trained
+    note = f" (trained at {trained} px)" if "trained_resolution" in result else ""
     print(f"{args.model} ({runner.format}, {result['quantization']}) on {source.name}: {result['examples']} images at "
-          f"{runner.resolution} px, top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%")
+          f"{runner.resolution} px{note}, top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%")
     emit_json(result, args.json)
     return 0
 

@@ -12,6 +12,7 @@ command fails and writes nothing. Bad input gives one line on stderr, exit code 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -61,13 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "image_folder:PATH")
     if args.ort_nchwc and args.to != "onnx":
         return fail(PROG, "--ort-nchwc shapes ONNX graphs; it does not apply to --to tflite")
-    if args.batch < 1:
-        return fail(PROG, f"--batch must be at least 1, got {args.batch}")
+    if not 1 <= args.batch <= 4096:
+        return fail(PROG, f"--batch must be between 1 and 4096, got {args.batch}")
     return run(PROG, lambda: _export(args))
 
 
 def _export(args) -> int:
     if args.output:
+        if os.path.exists(args.output) and os.path.samefile(args.output, args.model):
+            raise ValueError(f"--output {args.output} is the model being exported; writing there would replace it, "
+                             "so give another path (default: next to the model with the format's suffix)")
         check_output(args.output, "--output")
     kwargs = dict(batch=args.batch, dynamic_batch=args.dynamic_batch, resolution=args.resolution,
                   quantize=args.quantize, calibration=args.calibration, calibration_size=args.calibration_size,

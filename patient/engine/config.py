@@ -179,10 +179,14 @@ def _check(c: Config) -> None:
 def load_config(path: str | os.PathLike, **overrides: Any) -> Config:
     """Read a TOML file (keys at top level or under `[distill]`), apply `overrides`, and check everything."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the TOML config file inside it")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; a config is TOML (key = value lines)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     table = raw.get("distill", raw) if isinstance(raw.get("distill"), dict) else raw

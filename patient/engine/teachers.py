@@ -118,6 +118,20 @@ def _cache_key(teachers, source, *settings) -> str:
     return h.hexdigest()[:24]
 
 
+def run_inputs(student: ModelPair, teachers: Sequence[ModelPair], source: DataSource, student_res: int) -> dict:
+    """What a run is made of besides its config, as recorded in `workdir/run.json`: the student (architecture,
+    resolution, initial weights), every teacher (every byte) and the data (name, size, labels, class names). A resumed
+    run must have the same (`workdir.check_same_inputs`)."""
+    s_model = student[0]
+    spec = getattr(s_model, "spec", None)
+    what = (f"{spec.name} at {student_res} px, {spec.num_classes} classes" if spec is not None
+            else type(s_model).__name__)
+    return {"student": what, "student_sha": _cache_key([student], [], "student"),
+            "teachers_sha": _cache_key(list(teachers), [], "teachers"),
+            "data": f"{getattr(source, 'name', type(source).__name__)} ({len(source)} examples)",
+            "data_sha": _cache_key([], source, "data")}
+
+
 def fixed_teacher_cache(teachers: Sequence[ModelPair], source: DataSource, *, mode: str,
                         resolution: int | tuple[int, int], crops: int, seed: int, temperature: float, batch_size: int,
                         channels: int, resolutions: Sequence[int] = (), workdir: str | os.PathLike | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -24,8 +25,8 @@ from patient.models.registry import apply, spec_of, with_resolution
 
 from .config import Config, ConfigError
 from .step import TrainState, init_state, make_eval_fn, make_mesh, make_optimizer, make_step
-from .teachers import cast_floating, fixed_teacher_cache, is_writer, resolve_model
-from .workdir import Checkpoints, History, check_no_symlinks, check_same_run
+from .teachers import cast_floating, fixed_teacher_cache, is_writer, resolve_model, run_inputs
+from .workdir import Checkpoints, History, check_no_symlinks, check_same_inputs, check_same_run
 
 if TYPE_CHECKING:
     from .teachers import DataLike, ModelLike, TeacherLike
@@ -194,11 +195,21 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     params, static = eqx.partition(s_model, eqx.is_array)
     workdir = Path(workdir) if workdir is not None else None
     if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        if workdir.exists() and not workdir.is_dir():
+            raise ConfigError(f"workdir {workdir} is a file; give a folder (it is created if missing)")
+        if workdir.is_symlink() and not workdir.exists():
+            raise ConfigError(f"workdir {workdir} is a symbolic link to nothing; remove it or give another folder")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create workdir {workdir} ({e.strerror or e}); give a folder you can write") from None
         check_no_symlinks(workdir)
         check_same_run(workdir, cfg)
+        inputs = run_inputs((s_model, s_state), teachers, source, s_res)
+        check_same_inputs(workdir, inputs)
         if is_writer():  # one writer; every process checks the run it resumes
             write_atomic(workdir / "config.toml", cfg.to_toml())
+            write_atomic(workdir / "run.json", json.dumps(inputs, indent=1) + "\n")
     use_cache = info.fixed and not supervised
     cache = None
     if use_cache:
@@ -422,6 +433,8 @@ def evaluate(student: ModelLike, data: DataLike, *, teacher: ModelLike | None = 
     `relabel=True` says the data's label i is the model's class i.
     **Returns:** a dict of percentages (`top1`, `top5`, `teacher_top1`, `agreement`) and `kl`, `examples`.
     """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     source = _as_source(data)
     names = None
     if isinstance(student, (str, Path)) and Path(student).is_file():  # read once: the model and its class names

@@ -31,13 +31,41 @@ RESUMABLE_KEYS = ("steps", "epochs", "log_every", "eval_every", "eval_batch_size
                   "keep_checkpoints", "progress", "num_workers")
 
 
+def _has_checkpoints(workdir: Path) -> bool:
+    ckpts = workdir / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def check_same_inputs(workdir: Path, inputs: dict) -> None:
+    """A resumed run must continue with the same student, teachers and data (`teachers.run_inputs`), recorded in
+    `run.json`; with another model, teacher or data set the old weights would come back under the new names."""
+    path = workdir / "run.json"
+    if not path.is_file() or not _has_checkpoints(workdir):
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ConfigError(f"workdir {workdir} holds a run whose run.json cannot be read; use a new workdir or delete "
+                          f"{workdir} to start over") from None
+    names = {"student_sha": "student", "teachers_sha": "teachers", "data_sha": "data"}
+    differ = []
+    for key, name in names.items():
+        if old.get(key) != inputs[key]:
+            was, now = old.get(name), inputs.get(name)
+            differ.append(f"{name} ({was} -> {now})" if was is not None and was != now else f"{name} (other weights)"
+                          if name != "data" else f"{name} (other examples or labels)")
+    if differ:
+        raise ConfigError(f"workdir {workdir} holds a run with other inputs: {', '.join(differ)}; resume with the same "
+                          f"models and data, or use a new workdir, or delete {workdir} to start over")
+
+
 def check_same_run(workdir: Path, cfg: Config) -> None:
     """A workdir with checkpoints belongs to one run: resuming it with another config would silently return the old
     run's weights under the new config's name. Refuse, naming the keys that differ, before any work."""
     from .config import load_config
 
-    old_path, ckpts = workdir / "config.toml", workdir / "checkpoints"
-    if not old_path.is_file() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+    old_path = workdir / "config.toml"
+    if not old_path.is_file() or not _has_checkpoints(workdir):
         return
     try:
         old = load_config(old_path)
@@ -54,7 +82,7 @@ def check_same_run(workdir: Path, cfg: Config) -> None:
 
 # What a run writes in its workdir. None of it may be a symbolic link: a link planted there (or left by a copy) would
 # send the run's writes to wherever it points.
-WRITTEN = ("config.toml", "history.jsonl", "checkpoints", "tensorboard", "teacher_cache-*.npy")
+WRITTEN = ("config.toml", "run.json", "history.jsonl", "checkpoints", "tensorboard", "teacher_cache-*.npy")
 
 
 def check_no_symlinks(workdir: Path) -> None:

@@ -29,6 +29,8 @@ class ModelError(ValueError):
 
 def model_format(path: str | os.PathLike) -> str:
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a model file; give the .eqx, .onnx or .tflite file")
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
     fmt = FORMATS.get(path.suffix.lower())
