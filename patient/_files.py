@@ -7,8 +7,12 @@ writer's pid; a temporary file left by a killed writer is removed by the next wr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -46,3 +50,29 @@ def _remove_stale_temps(path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except PermissionError:
             pass  # another user's live process
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs (a checkpoint being written), then deliver them: Ctrl-C lands
+    between checkpoints, never inside one, so it leaves no half-written checkpoint and no library traceback. Only in
+    the main thread (where Python runs signal handlers); elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in pending[:1]:
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), s)

@@ -327,3 +327,21 @@ def test_interrupts_and_memory_end_in_one_line(raised, code, expect, inputs, cap
     rc = eval_cli.main([str(inputs / "teacher.eqx"), "--data", "digits"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == code and len(lines) == 1 and lines[0].startswith("patient-eval: ") and expect in lines[0], lines
+
+
+def test_ctrl_c_during_a_checkpoint_lands_after_it():
+    """Regression: Ctrl-C inside an Orbax save printed the library's traceback and left a half-written checkpoint;
+    the signal is now held until the save is complete, then delivered."""
+    import signal
+
+    from patient._files import deferred_interrupts
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the save finished")
+    assert done == ["the save finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, before)

@@ -228,6 +228,14 @@ def _check_workers_can_start(num_workers: int) -> None:
                           f"calls patient under `if __name__ == \"__main__\":` or use num_workers=0")
 
 
+def _quiet_worker(index: int, count: int) -> None:
+    """Loader workers ignore Ctrl-C (it reaches the whole process group): the parent stops them, so the user sees
+    one line instead of a traceback per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class watch_workers:
     """Wrap a pipeline iterator so that a dead loader worker ends the run with `LoaderError` instead of a wait that
     never ends: each batch is awaited in a helper thread while this thread checks, every `poll` seconds, that the
@@ -263,20 +271,27 @@ class watch_workers:
         while True:
             t.join(self._poll)
             if not t.is_alive():
-                if "error" in box:
-                    raise box["error"]
+                err = box.get("error")
+                if isinstance(err, RuntimeError) and "Worker process was terminated" in str(err):
+                    # Grain noticed the death first: the same one line as when the watch does
+                    raise LoaderError(self._died(str(err).splitlines()[0].rstrip("."))) from None
+                if err is not None:
+                    raise err
                 return box["value"]
             self._check(time.monotonic() - t0)
+
+    @staticmethod
+    def _died(what: str) -> str:
+        return (f"a data loader worker process died ({what}); a worker that is killed (out of memory?) or fails at "
+                "start cannot deliver batches; lower num_workers or batch_size, or use num_workers=0 to load in this "
+                "process")
 
     def _check(self, waited: float) -> None:
         for proc in multiprocessing.active_children():
             self._seen.setdefault(proc.pid, proc)
         dead = [p for p in self._seen.values() if p.exitcode not in (None, 0)]
         if dead:
-            codes = ", ".join(f"pid {p.pid} exit code {p.exitcode}" for p in dead)
-            raise LoaderError(f"a data loader worker process died ({codes}); a worker that is killed (out of memory?) "
-                              "or fails at start cannot deliver batches; lower num_workers or batch_size, or use "
-                              "num_workers=0 to load in this process")
+            raise LoaderError(self._died(", ".join(f"pid {p.pid} exit code {p.exitcode}" for p in dead)))
         if waited > self._start_timeout and not any(p.is_alive() for p in self._seen.values()):
             raise LoaderError(f"no data loader worker process is running and no batch arrived in {waited:.0f} s; "
                               "use num_workers=0 to load in this process")
@@ -365,7 +380,7 @@ def pipeline(
     if num_workers > 0:
         _mark_absl_flags_parsed()
         options = grain.multiprocessing.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=1)
-        out = out.mp_prefetch(options)
+        out = out.mp_prefetch(options, worker_init_fn=_quiet_worker)
     return out
 
 

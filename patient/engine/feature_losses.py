@@ -403,6 +403,5 @@ def check_feature_shapes(student_feats_shapes: Mapping, teacher_feats_shapes: Ma
         if method in ("fitnets", "srd"):
             aux.append((s[1], t[1]))
     if problems:
-        raise ValueError(f"{method} distillation cannot run with pairs {list(pairs or ())}:\n  - "
-                         + "\n  - ".join(problems))
+        raise ValueError(f"{method} distillation cannot run with pairs {list(pairs or ())}: " + "; ".join(problems))
     return aux

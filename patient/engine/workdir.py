@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from patient._files import write_atomic
+from patient._files import deferred_interrupts, write_atomic
 
 from .config import Config, ConfigError
 from .step import TrainState
@@ -165,9 +165,10 @@ class Checkpoints:
     def save(self, step: int, ts: TrainState, data_state: dict | bytes) -> None:
         ocp = self._ocp
         state = {"data": data_state if isinstance(data_state, dict) else {"bytes": data_state.decode("latin1")}}
-        self.manager.save(step, args=ocp.args.Composite(
-            train=ocp.args.StandardSave(self._flat(jax.device_get(ts))), data=ocp.args.JsonSave(state)))
-        self.manager.wait_until_finished()
+        with deferred_interrupts():  # Ctrl-C lands after the checkpoint, not inside it
+            self.manager.save(step, args=ocp.args.Composite(
+                train=ocp.args.StandardSave(self._flat(jax.device_get(ts))), data=ocp.args.JsonSave(state)))
+            self.manager.wait_until_finished()
 
     def restore(self, ts: TrainState) -> tuple[TrainState, dict | bytes]:
         ocp = self._ocp
