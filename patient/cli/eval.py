@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .common import Parser, emit_json, fail, run
+from .common import Parser, check_output, emit_json, fail, run
 
 if TYPE_CHECKING:
     from patient.data.sources import ArraySource, ImageFolderSource, SubsetSource
@@ -103,8 +103,6 @@ def _few(names: Sequence[str]) -> str:
 
 
 def _eval(args) -> int:
-    from .common import check_output
-
     if args.json:
         check_output(args.json, "--json")
     from patient.runtime import open_model, open_source

@@ -52,8 +52,12 @@ def check_same_inputs(workdir: Path, inputs: dict) -> None:
     for key, name in names.items():
         if old.get(key) != inputs[key]:
             was, now = old.get(name), inputs.get(name)
-            differ.append(f"{name} ({was} -> {now})" if was is not None and was != now else f"{name} (other weights)"
-                          if name != "data" else f"{name} (other examples or labels)")
+            if was is not None and was != now:  # the readable description differs: show both
+                differ.append(f"{name} ({was} -> {now})")
+            elif name == "data":
+                differ.append(f"{name} (other examples or labels)")
+            else:
+                differ.append(f"{name} (other weights)")
     if differ:
         raise ConfigError(f"workdir {workdir} holds a run with other inputs: {', '.join(differ)}; resume with the same "
                           f"models and data, or use a new workdir, or delete {workdir} to start over")
