@@ -63,6 +63,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Shampoo's small eigh calls crawl when BLAS threads fight
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
@@ -82,21 +83,28 @@ def get_teacher(args, log):
                           res=args.res, steps=args.teacher_steps, log=log)
 
 
-def run_one(args, teacher, opt, lr, train_src, eval_src):
+GRAFT_LRS = {"adam": "3e-3,1e-2,3e-2", "rmsprop_normalized": "3e-4,1e-3,3e-3", "rmsprop": "3e-4,1e-3,3e-3",
+             "adagrad": "3e-4,1e-3,3e-3", "sgd": "3e-4,1e-3,3e-3"}  # heavy-ball grafts take ~10x smaller steps
+
+
+def run_one(args, teacher, opt, lr, seed, train_src, eval_src):
+    """One distillation; `opt` is "adam" or "shampoo[<graft>]"."""
     import jax
 
     import patient
     from patient.models import create
 
-    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=args.res, depths=(1, 1, 1))
+    student = create("cifar_resnet20", num_classes=10, key=jax.random.key(1 + seed), resolution=args.res,
+                     depths=(1, 1, 1))
     extra = {}
-    if opt == "shampoo":
-        extra = dict(shampoo_graft=args.graft, shampoo_block_size=args.block,
+    if opt != "adam":
+        extra = dict(shampoo_graft=opt[len("shampoo["):-1], shampoo_block_size=args.block,
                      shampoo_precondition_every=args.precondition_every)
     t0 = time.perf_counter()
     r = patient.distill(teacher, student, train_src, eval_data=eval_src, mode="fm", steps=args.steps,
-                        batch_size=args.batch, optimizer=opt, learning_rate=lr, crop_area_min=args.crop_area_min,
-                        log_every=args.log_every, eval_every=args.eval_every, progress=False, **extra)
+                        batch_size=args.batch, optimizer="adam" if opt == "adam" else "shampoo", learning_rate=lr,
+                        crop_area_min=args.crop_area_min, seed=seed, log_every=args.log_every,
+                        eval_every=args.eval_every, progress=False, **extra)
     wall = time.perf_counter() - t0
     evals = [(h["step"], h["eval_agreement"], h["eval_kl"]) for h in r.history if "eval_agreement" in h]
     logs = [h for h in r.history if "images_per_s" in h]
@@ -105,16 +113,20 @@ def run_one(args, teacher, opt, lr, train_src, eval_src):
     # evaluation (the trainer's window clock includes it) are left out.
     windows = [args.batch / h["images_per_s"] for h in logs
                if h["step"] > args.log_every and (h["step"] - args.log_every) not in eval_steps]
-    return dict(optimizer=opt, lr=lr, evals=evals, windows=windows, wall_s=wall,
-                train_agreement=logs[-1]["agreement"], train_kl=logs[-1]["kl"])
+    return dict(optimizer=opt, lr=lr, seed=seed, evals=evals, windows=windows, wall_s=wall,
+                final_agreement=evals[-1][1], final_kl=evals[-1][2], s_per_step=statistics.median(windows))
 
 
-def first_step(evals, ok):
-    """First evaluated step whose (agreement, kl) satisfies `ok`, or None."""
-    return next((s for s, a, k in evals if ok(a, k)), None)
+def first_step(evals, target):
+    """First evaluated step whose agreement is >= target, or None."""
+    return next((s for s, a, _ in evals if a >= target), None)
 
 
-def main():
+def parse_lrs(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--save", type=pathlib.Path, help="also write the output, with a header, to this file")
     p.add_argument("--res", type=int, default=20, help="teacher and student resolution (px)")
@@ -126,17 +138,31 @@ def main():
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--crop-area-min", type=float, default=0.05)
+    p.add_argument("--seeds", type=int, default=2, help="seeds (student initialisation, data order, views, mixup)")
     p.add_argument("--adam-lrs", default="3e-3,1e-2,3e-2")
-    p.add_argument("--shampoo-lrs", default="3e-3,1e-2,3e-2")
-    p.add_argument("--graft", default="adam")
+    p.add_argument("--grafts", default="adam,rmsprop_normalized", help="Shampoo grafts to run, comma-separated")
+    p.add_argument("--shampoo-lrs", help="learning rates for every graft (default: 3e-3,1e-2,3e-2 for graft adam, "
+                   "10x smaller for the heavy-ball grafts)")
+    p.add_argument("--loose", type=float, default=5.0,
+                   help="the second target is the first minus this many points of agreement")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--precondition-every", type=int, default=10)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    from patient.optim.shampoo import GRAFTS
+
+    grafts = [g.strip() for g in args.grafts.split(",") if g.strip()]
+    if not grafts or any(g not in GRAFTS for g in grafts):
+        p.error(f"--grafts takes a comma-separated subset of {', '.join(GRAFTS)}")
     if args.eval_every % args.log_every or (args.eval_every // args.log_every) < 2:
         p.error("--eval-every must be a multiple (>= 2) of --log-every, so that some throughput windows hold no "
                 "evaluation")
-    if not [x for x in args.adam_lrs.split(",") if x] or not [x for x in args.shampoo_lrs.split(",") if x]:
-        p.error("--adam-lrs and --shampoo-lrs each need at least one learning rate")
+    try:
+        adam_lrs = parse_lrs(args.adam_lrs)
+        sh_lrs = {g: parse_lrs(args.shampoo_lrs or GRAFT_LRS[g]) for g in grafts}
+    except ValueError:
+        p.error("--adam-lrs and --shampoo-lrs take comma-separated numbers (e.g. 3e-3,1e-2)")
+    if not adam_lrs or not all(sh_lrs.values()) or args.seeds < 1:
+        p.error("--adam-lrs and --shampoo-lrs each need at least one learning rate, and --seeds must be >= 1")
     lines = []
 
     def log(s=""):
@@ -154,104 +180,88 @@ def main():
     teacher, tinfo = get_teacher(args, log)
     train_src = subset(fashion_mnist("train"), per_class=args.per_class, seed=0)
     eval_src = subset(fashion_mnist("test"), per_class=args.eval_per_class, seed=0)
-    adam_lrs = [float(x) for x in args.adam_lrs.split(",") if x]
-    sh_lrs = [float(x) for x in args.shampoo_lrs.split(",") if x]
-    # Interleave the runs so that the load of other jobs on the machine falls on both optimizers alike.
-    a_plan, s_plan = [("adam", lr) for lr in adam_lrs], [("shampoo", lr) for lr in sh_lrs]
-    order = [x for pair in zip(a_plan, s_plan) for x in pair] + a_plan[len(s_plan):] + s_plan[len(a_plan):]
+    optimizers = ["adam"] + [f"shampoo[{g}]" for g in grafts]
+    lrs_of = {"adam": adam_lrs, **{f"shampoo[{g}]": sh_lrs[g] for g in grafts}}
+    # Interleave the optimizers so that the load of other jobs on the machine falls on all of them alike.
+    plans = [[(o, lr) for lr in lrs_of[o]] for o in optimizers]
+    order = [x for group in itertools.zip_longest(*plans) for x in group if x is not None]
     runs = []
-    for opt, lr in order:
-        r = run_one(args, teacher, opt, lr, train_src, eval_src)
-        runs.append(r)
-        print(f"  {opt} lr={lr:g}: held-out agreement {r['evals'][-1][1]:.2f}%, KL {r['evals'][-1][2]:.4f}, "
-              f"{statistics.median(r['windows']):.3f} s/step, {r['wall_s']:.0f} s wall", flush=True)
-    adam = [r for r in runs if r["optimizer"] == "adam"]
-    shampoo = [r for r in runs if r["optimizer"] == "shampoo"]
+    for seed in range(args.seeds):
+        for opt, lr in order:
+            r = run_one(args, teacher, opt, lr, seed, train_src, eval_src)
+            runs.append(r)
+            print(f"  seed {seed} {opt} lr={lr:g}: held-out agreement {r['final_agreement']:.2f}%, "
+                  f"KL {r['final_kl']:.4f}, {r['s_per_step']:.3f} s/step, {r['wall_s']:.0f} s wall", flush=True)
 
-    # Targets: the best Adam run's final held-out agreement, and the lowest final held-out KL of the Adam runs.
-    best_adam = max(adam, key=lambda r: r["evals"][-1][1])
-    target_agree = best_adam["evals"][-1][1]
-    target_kl = min(r["evals"][-1][2] for r in adam)
-    for r in runs:
-        r["final_agreement"], r["final_kl"] = r["evals"][-1][1], r["evals"][-1][2]
-        r["steps_agree"] = first_step(r["evals"], lambda a, k: a >= target_agree)
-        r["steps_kl"] = first_step(r["evals"], lambda a, k: k <= target_kl)
-        r["s_per_step"] = statistics.median(r["windows"])
-        r["settings"] = "-" if r["optimizer"] == "adam" else (
-            f"block {args.block}, every {args.precondition_every}, graft {args.graft}")
-    big = args.steps * 10  # ranks runs that never reach a target last
-
-    def rank(r):
-        return (r["steps_agree"] or big, -r["final_agreement"])
-
-    best_sh = min(shampoo, key=rank)
-    best_adam_steps = min(adam, key=rank)
-    best_adam["best"] = True
-    best_sh["best"] = True
-    best_sh_kl = min(shampoo, key=lambda r: (r["steps_kl"] or big, r["final_kl"]))
-    best_adam_kl = min(adam, key=lambda r: (r["steps_kl"] or big, r["final_kl"]))
-    s_adam = statistics.median([w for r in adam for w in r["windows"]])
-    s_sh = statistics.median([w for r in shampoo for w in r["windows"]])
+    # Per seed: targets from that seed's best Adam run (its final held-out agreement, and that minus --loose); for
+    # each optimizer its best run (fewest steps to the target, then highest final agreement).
+    big = args.steps * 10
+    per_seed = []
+    for seed in range(args.seeds):
+        mine = [r for r in runs if r["seed"] == seed]
+        best_adam = max((r for r in mine if r["optimizer"] == "adam"), key=lambda r: r["final_agreement"])
+        targets = {"tight": best_adam["final_agreement"], "loose": best_adam["final_agreement"] - args.loose}
+        for r in mine:
+            r["steps_tight"] = first_step(r["evals"], targets["tight"])
+            r["steps_loose"] = first_step(r["evals"], targets["loose"])
+        best = {}
+        for o in optimizers:
+            rs = [r for r in mine if r["optimizer"] == o]
+            best[o] = {k: min(rs, key=lambda r: (r[f"steps_{k}"] or big, -r["final_agreement"])) for k in targets}
+            best[o]["final"] = max(rs, key=lambda r: r["final_agreement"])
+        per_seed.append(dict(seed=seed, targets=targets, best=best))
     run_time = time.perf_counter() - t0
 
-    def ratio(a, b):
-        return None if not a or not b else a / b
-
-    steps_ratio = ratio(best_adam_steps["steps_agree"], best_sh["steps_agree"])
-    steps_ratio_kl = ratio(best_adam_kl["steps_kl"], best_sh_kl["steps_kl"])
-    time_ratio = s_sh / s_adam
-
-    log(f"student: cifar_resnet20 with depths (1, 1, 1) at {args.res} px (same initialisation in every run); "
-        f"mode fm (crop area >= {args.crop_area_min}, mixup); {args.per_class * 10} training images, batch "
-        f"{args.batch}, {args.steps} steps, warm-up {int(0.05 * args.steps)} steps + cosine, clip 1.0")
+    log(f"student: cifar_resnet20 with depths (1, 1, 1) at {args.res} px (initialisation key 1 + seed); mode fm "
+        f"(crop area >= {args.crop_area_min}, mixup); {args.per_class * 10} training images, batch {args.batch}, "
+        f"{args.steps} steps, warm-up {int(0.05 * args.steps)} steps + cosine, clip 1.0; Shampoo block {args.block}, "
+        f"preconditioning every {args.precondition_every}")
     log(f"held-out: {args.eval_per_class * 10} test images, evaluated every {args.eval_every} steps")
-    log(f"target agreement = best Adam's final held-out agreement: {target_agree:.2f}% (lr {best_adam['lr']:g}); "
-        f"target KL = lowest final Adam KL: {target_kl:.4f}")
-    log("steps to target = first evaluated step at or past the target ('-': not within the budget); "
-        "* = best of each optimizer")
+    log("targets per seed: 'tight' = that seed's best Adam final held-out agreement, 'loose' = tight - "
+        f"{args.loose:g} points; steps = first evaluated step at or past the target ('-': not within the budget)")
     log()
-    rows = [dict(r, name=r["optimizer"] + (" *" if r.get("best") else "")) for r in runs]
-    rows.sort(key=lambda r: (r["optimizer"], r["lr"]))
-    log(table(rows, [("name", "optimizer"), ("lr", "lr"), ("settings", "shampoo settings"),
-                     ("final_agreement", "agreement %"), ("final_kl", "KL"), ("steps_agree", "steps to agr."),
-                     ("steps_kl", "steps to KL"), ("s_per_step", "s/step"), ("wall_s", "wall s")]))
+    rows = sorted(runs, key=lambda r: (r["seed"], optimizers.index(r["optimizer"]), r["lr"]))
+    log(table(rows, [("seed", "seed"), ("optimizer", "optimizer"), ("lr", "lr"), ("final_agreement", "agreement %"),
+                     ("final_kl", "KL"), ("steps_tight", "steps to tight"), ("steps_loose", "steps to loose"),
+                     ("s_per_step", "s/step"), ("wall_s", "wall s")]))
     log()
-    log(f"held-out agreement % every {args.eval_every} steps:")
-    steps = [s for s, _, _ in runs[0]["evals"]]
-    curve_rows = [{"step": s, **{f"{r['optimizer']} {r['lr']:g}": r["evals"][i][1] for r in rows}}
-                  for i, s in enumerate(steps)]
-    log(table(curve_rows, [("step", "step")] + [(f"{r['optimizer']} {r['lr']:g}",) * 2 for r in rows]))
+    summary_rows, ratios = [], {}
+    for o in optimizers:
+        finals = [ps["best"][o]["final"]["final_agreement"] for ps in per_seed]
+        row = {"optimizer": o, "final": statistics.fmean(finals), "spread": max(finals) - min(finals)}
+        for k in ("tight", "loose"):
+            steps = [ps["best"][o][k][f"steps_{k}"] for ps in per_seed]
+            row[f"steps_{k}"] = " / ".join("-" if s is None else str(s) for s in steps)
+            if o != "adam":
+                adam_steps = [ps["best"]["adam"][k][f"steps_{k}"] for ps in per_seed]
+                rs = [a / s if a and s else None for a, s in zip(adam_steps, steps)]
+                ratios[(o, k)] = rs
+                row[f"ratio_{k}"] = " / ".join("-" if x is None else f"{x:.2f}" for x in rs)
+        s = [w for r in runs if r["optimizer"] == o for w in r["windows"]]
+        row["s_per_step"] = statistics.median(s)
+        summary_rows.append(row)
+    log(f"per optimizer, over {args.seeds} seeds (values per seed separated by '/'): best final agreement (mean, "
+        "max - min), steps of the best run to each target, and steps(Adam)/steps(Shampoo)")
+    log(table(summary_rows, [("optimizer", "optimizer"), ("final", "agreement % (mean)"), ("spread", "spread"),
+                             ("steps_tight", "steps to tight"), ("ratio_tight", "Adam/this"),
+                             ("steps_loose", "steps to loose"), ("ratio_loose", "Adam/this"),
+                             ("s_per_step", "s/step")]))
     log()
-
-    def fmt(x, suffix="x"):
-        return "not reached" if x is None else f"{x:.2f}{suffix}"
-
-    log(f"steps(Adam)/steps(Shampoo) to the agreement target: {fmt(steps_ratio)} "
-        f"({best_adam_steps['steps_agree'] or '-'} steps at Adam lr {best_adam_steps['lr']:g} vs "
-        f"{best_sh['steps_agree'] or '-'} at Shampoo lr {best_sh['lr']:g}; {best_sh['settings']})")
-    log(f"steps(Adam)/steps(Shampoo) to the KL target:        {fmt(steps_ratio_kl)} "
-        f"({best_adam_kl['steps_kl'] or '-'} at Adam lr {best_adam_kl['lr']:g} vs "
-        f"{best_sh_kl['steps_kl'] or '-'} at Shampoo lr {best_sh_kl['lr']:g})")
-    log(f"time per step(Shampoo)/time per step(Adam):         {time_ratio:.2f}x "
-        f"({s_sh:.3f} vs {s_adam:.3f} s/step, medians over every run's 10-step windows)")
-    wall_ratio = ratio(steps_ratio, time_ratio)
-    log(f"goal (>= 2x fewer steps at <= 1.3x time per step): "
-        f"{'met' if steps_ratio and steps_ratio >= 2 and time_ratio <= 1.3 else 'not met'}; "
-        f"wall-clock speed-up to the target {fmt(wall_ratio)}")
+    by_final = max(optimizers[1:], key=lambda o: next(r["final"] for r in summary_rows if r["optimizer"] == o))
+    log(f"best graft by mean final agreement: {by_final[len('shampoo['):-1]}")
     summary = dict(
         benchmark="shampoo_vs_adam", cpu=cpu_model(), cores=os.cpu_count(), run_time_s=round(run_time, 1),
         teacher=dict(name="cifar_resnet20", res=args.res, steps=args.teacher_steps,
                      test_top1=round(tinfo["test_top1"], 2), cached=tinfo["cached"]),
-        student="cifar_resnet20 depths=(1,1,1)", steps=args.steps, batch=args.batch,
-        shampoo=dict(block_size=args.block, precondition_every=args.precondition_every, graft=args.graft),
-        target_agreement=round(target_agree, 2), target_kl=round(target_kl, 4),
+        student="cifar_resnet20 depths=(1,1,1)", steps=args.steps, batch=args.batch, seeds=args.seeds,
+        shampoo=dict(block_size=args.block, precondition_every=args.precondition_every, grafts=grafts),
+        targets=[{k: round(v, 2) for k, v in ps["targets"].items()} for ps in per_seed],
+        summary=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in summary_rows],
+        steps_ratio={f"{o}/{k}": [x and round(x, 2) for x in v] for (o, k), v in ratios.items()},
+        best_graft=by_final[len("shampoo["):-1],
         runs=[{k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
-               for k in ("optimizer", "lr", "final_agreement", "final_kl", "steps_agree", "steps_kl", "s_per_step")}
-              for r in rows],
-        steps_ratio_agreement=steps_ratio and round(steps_ratio, 2),
-        steps_ratio_kl=steps_ratio_kl and round(steps_ratio_kl, 2),
-        time_per_step_ratio=round(time_ratio, 3),
-        s_per_step=dict(adam=round(s_adam, 4), shampoo=round(s_sh, 4)),
+               for k in ("seed", "optimizer", "lr", "final_agreement", "final_kl", "steps_tight", "steps_loose",
+                         "s_per_step")} for r in rows],
     )
     log(json.dumps(summary))
     if args.save:

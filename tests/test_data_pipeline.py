@@ -202,6 +202,31 @@ def test_shards_are_disjoint_with_distinct_crops(coords):
         np.testing.assert_array_equal(one_host[int(i)], v)
 
 
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_batches_concatenate_to_the_one_host_batch(coords, hosts):
+    """Topology independence: batch k of every host, concatenated in host order, is batch k of one host reading the
+    global batch (same examples, same order, same pixels), over an epoch boundary and with a ragged last batch."""
+    kw = dict(mode="same/ic", student_res=8, seed=3, epochs=2, drop_remainder=False)
+    one, _ = take(pd.pipeline(coords, **kw, batch_size=8), 4)
+    per_host = [take(pd.pipeline(coords, **kw, batch_size=8 // hosts, shard=(i, hosts)), 4)[0] for i in range(hosts)]
+    assert [len(b["index"]) for b in one] == [8, 8, 8, 8]
+    for k, whole in enumerate(one):
+        for key in ("index", "student", "teacher", "label"):
+            np.testing.assert_array_equal(np.concatenate([h[k][key] for h in per_host]), whole[key])
+    # A ragged end (drop_remainder=False): 16 examples in global batches of 6 end with 4, split 3 + 1 over 2 hosts.
+    ragged = dict(kw, epochs=1)
+    one = iter_all(pd.pipeline(coords, **ragged, batch_size=6))
+    two = [iter_all(pd.pipeline(coords, **ragged, batch_size=3, shard=(i, 2))) for i in range(2)]
+    assert [len(b["index"]) for b in one] == [6, 6, 4] and [len(b["index"]) for b in two[1]] == [3, 3, 1]
+    for k, whole in enumerate(one):
+        np.testing.assert_array_equal(np.concatenate([h[k]["student"] for h in two]), whole["student"])
+
+
+def iter_all(ds):
+    with contextlib.closing(iter(ds)) as it:
+        return [{k: np.array(v) for k, v in b.items()} for b in it]
+
+
 # ------------------------------------------------------------------------------------------------- eval
 
 

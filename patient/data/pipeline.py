@@ -142,6 +142,30 @@ class _RenderPair(grain.transforms.Map):
         }
 
 
+class _HostBlocks(grain.MapDataset):
+    """Process `index` of `count`: from every `count * block` consecutive elements of the global stream, the
+    `index`-th run of `block`. With `block` the per-process batch size, the processes' batches k, concatenated in
+    process order, are exactly the one-process batch k (same examples, same order), whatever `count` is."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        self._block, self._index, self._count = block, index, count
+        full, rest = divmod(len(parent), block * count)
+        self._length = full * block + min(block, max(0, rest - index * block))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        group, j = divmod(i, self._block)
+        return self._parent[(group * self._count + self._index) * self._block + j]
+
+    def __str__(self) -> str:
+        return f"HostBlocks(block={self._block}, index={self._index}, count={self._count})"
+
+
 class _PaddedEval(grain.transforms.Map):
     """Index -> rendered example, or a masked zero example past the end (`index` -1, `label` -1)."""
 
@@ -328,7 +352,9 @@ def pipeline(
     - `batch_size`: examples per batch on this host.
     - `seed`: drives shuffling and every crop and flip; the same seed gives the same batches.
     - `num_workers`: 0 renders in threads of this process; N > 0 adds N worker processes (`mp_prefetch`).
-    - `shard`: `(index, count)` of this host; hosts see disjoint examples and distinct crops.
+    - `shard`: `(index, count)` of this host; hosts see disjoint examples and distinct crops. Host `index` reads the
+      `index`-th block of `batch_size` examples of every global batch of `count * batch_size`, so the hosts' batches
+      concatenated in host order are the batches of one host with `count * batch_size` (views and order included).
     - `epochs`: `None` repeats forever; every epoch is reshuffled and re-cropped.
     - `channels`: 3 (grayscale repeated) or 1 (RGB converted to luma).
     - `drop_remainder`: drop the final partial batch (only matters when `epochs` is finite).
@@ -361,7 +387,8 @@ def pipeline(
         )
     if epochs is not None:
         epochs = _check_positive_int("epochs", epochs)
-        per_shard = len(range(shard[0], n * epochs, shard[1]))
+        full, rest = divmod(n * epochs, batch_size * shard[1])
+        per_shard = full * batch_size + min(batch_size, max(0, rest - shard[0] * batch_size))
         if drop_remainder and per_shard < batch_size:
             raise ValueError(
                 f"batch_size={batch_size} exceeds the {per_shard} examples this shard sees in {epochs} epoch(s); "
@@ -373,7 +400,8 @@ def pipeline(
     ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(n))
     ds = ds.shuffle(seed=_derive_seed(seed, 1)).repeat(epochs)  # repeat reseeds the shuffle every epoch
     ds = ds.random_map(_DrawViews(mode, seed, crop_area), seed=_derive_seed(seed, 2))
-    ds = ds[shard[0] :: shard[1]]
+    if shard[1] > 1:
+        ds = _HostBlocks(ds, batch_size, shard[0], shard[1])
     ds = ds.map(_RenderPair(s_res, t_res, channels))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     out = ds.to_iter_dataset(_read_options(in_worker=num_workers > 0))

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from patient.data.mixup import mixup
+from patient.models.layers import MESH_BATCH_AXES
 from patient.models.registry import apply
 
 from .config import Config
@@ -77,9 +79,22 @@ def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
+DATA_AXIS = "data"
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh, `"data"`, over `devices` (default: every device of every host)."""
-    return Mesh(np.asarray(jax.devices() if devices is None else devices).reshape(-1), ("data",))
+    """A one-axis mesh, `"data"`, over `devices` (default: every device of every host), built by `jax.make_mesh`.
+
+    The devices are kept in process order (process 0's first): each process then holds one contiguous block of every
+    global batch, which is what makes the batch at step k the same examples in the same order on any topology.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    owners = [d.process_index for d in mesh.devices.flat]
+    if owners != sorted(owners):  # a physical ordering that interleaves hosts: keep the hosts contiguous instead
+        mesh = Mesh(np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))), (DATA_AXIS,),
+                    axis_types=(jax.sharding.AxisType.Auto,))
+    return mesh
 
 
 def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.GradientTransformation, *, mesh: Mesh,
@@ -136,6 +151,31 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         metrics["loss"] = loss
         return loss, (new_state, metrics)
 
+    def per_device(params, model_state, batch, targets, teachers, warm):
+        """One device's share of the step: its slice of the batch in, gradients and metrics averaged over the mesh's
+        data axis out (so every device leaves with the same values, those of the whole global batch)."""
+        token = MESH_BATCH_AXES.set((DATA_AXIS,))  # BatchNorm statistics over the global batch (read while tracing)
+        try:
+            t_probs = t_feats = None
+            if use_cache:
+                t_probs = batch["teacher_probs"]
+            elif not supervised:
+                t_logits, t_feats = teacher_logits(teachers, batch["teacher"], resolutions, with_features=True)
+                t_probs = teacher_probs(t_logits, T)
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, (new_state, metrics)), grads = grad_fn(params, model_state, batch, targets, t_probs, t_feats, warm)
+        finally:
+            MESH_BATCH_AXES.reset(token)
+        # Where a non-finite loss comes from (images are rendered from uint8, so they are always finite): a broken
+        # teacher is reported as such, not as a learning rate to lower.
+        if t_probs is not None:
+            metrics["finite_teacher"] = jnp.all(jnp.isfinite(t_probs)).astype(jnp.float32)
+        grads, metrics = lax.pmean((grads, metrics), DATA_AXIS)  # equal shards: the mean of means is the global mean
+        return grads, new_state, metrics
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+                            out_specs=(P(), P(), P()), check_vma=False)
+
     def step(ts: TrainState, batch, teachers):
         key = jax.random.wrap_key_data(ts.key)
         key, mkey = jax.random.split(key)
@@ -145,30 +185,21 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         if supervised and cfg.label_smoothing > 0:
             onehot = onehot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
         batch = dict(batch)
-        if mix:
+        if mix:  # on the global batch, before it is split: the partners are those of a one-device run
             if "teacher" in batch:
                 batch["student"], batch["teacher"], onehot, lam = mixup(
                     mkey, batch["student"], batch["teacher"], onehot, alpha=cfg.mixup_alpha)
             else:
                 batch["student"], onehot, lam = mixup(mkey, batch["student"], onehot, alpha=cfg.mixup_alpha)
-        t_probs = t_feats = None
-        if use_cache:
-            t_probs = batch["teacher_probs"]
-        elif not supervised:
-            t_logits, t_feats = teacher_logits(teachers, batch["teacher"], resolutions, with_features=True)
-            t_probs = teacher_probs(t_logits, T)
-        # Where a non-finite loss comes from (images are rendered from uint8, so they are always finite): a broken
-        # teacher is reported as such, not as a learning rate to lower.
-        finite = {} if t_probs is None else {"finite_teacher": jnp.all(jnp.isfinite(t_probs))}
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         # DKD's loss weight warms up linearly over dkd_warmup_fraction of the run (the paper: 20 of 240 epochs).
         warm_steps = cfg.dkd_warmup_fraction * (total_steps or cfg.steps or 1)
-        warm = jnp.minimum(1.0, (ts.step + 1) / warm_steps) if warm_steps > 0 else 1.0
-        (_, (new_state, metrics)), grads = grad_fn(ts.params, ts.model_state, batch, onehot, t_probs, t_feats, warm)
+        warm = jnp.minimum(1.0, (ts.step + 1) / warm_steps) if warm_steps > 0 else jnp.float32(1.0)
+        grads, new_state, metrics = sharded(ts.params, ts.model_state, batch, onehot, teachers, warm)
+        if "finite_teacher" in metrics:  # 1.0 only if every device's teacher output was finite
+            metrics["finite_teacher"] = metrics["finite_teacher"] == 1.0
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
-        metrics.update(finite)
         new = TrainState(ts.step + 1, params, new_state, opt_state, jax.random.key_data(key))
         return new, metrics
 

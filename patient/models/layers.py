@@ -23,6 +23,28 @@ State = dict  # {bn_name: {"mean": f32[C], "var": f32[C]}}
 
 BATCH_AXIS = "batch"
 
+# Mesh axes that hold parts of the batch besides the vmapped one: set (while tracing) by the train step's per-device
+# program under `shard_map`, so BatchNorm's batch statistics stay statistics of the global batch.
+MESH_BATCH_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("patient_mesh_batch_axes",
+                                                                                 default=())
+
+
+def batch_mean(x: Array) -> Array:
+    """Mean of `x` over every example of the batch: the vmapped axis, then each mesh axis in `MESH_BATCH_AXES` (equal
+    shards, so the mean of the shard means is the global mean)."""
+    x = lax.pmean(x, BATCH_AXIS)
+    for axis in MESH_BATCH_AXES.get():
+        x = lax.pmean(x, axis)
+    return x
+
+
+def batch_count() -> Array:
+    """Number of examples in the global batch (see `batch_mean`)."""
+    n = lax.psum(1, BATCH_AXIS)
+    for axis in MESH_BATCH_AXES.get():
+        n = lax.psum(n, axis)
+    return n
+
 
 def host_rng(key: Array | None) -> np.random.Generator:
     """A numpy Generator seeded from a JAX key: initialising with numpy avoids compiling one random op per layer shape
@@ -339,8 +361,9 @@ class GroupNorm(eqx.Module):
 class BatchNorm(eqx.Module):
     """BatchNorm2d with PyTorch semantics (momentum 0.1, unbiased running variance, biased batch variance).
 
-    In training the statistics are reduced over the vmapped `batch` axis (and, under a sharded jit, over every device
-    holding part of that batch), so they are true batch statistics. Running statistics live in `state[self.name]`.
+    In training the statistics are reduced over the vmapped `batch` axis and, inside the train step's `shard_map`, over
+    the mesh's data axis too (`batch_mean`), so they are statistics of the global batch. Running statistics live in
+    `state[self.name]`.
     """
 
     weight: Array
@@ -363,9 +386,9 @@ class BatchNorm(eqx.Module):
     def __call__(self, x: Array, state: State, train: bool) -> tuple[Array, State]:
         xf = x.astype(jnp.float32)
         if train:
-            mean = lax.pmean(xf.mean(axis=(1, 2)), BATCH_AXIS)
-            var = lax.pmean(jnp.square(xf - mean[:, None, None]).mean(axis=(1, 2)), BATCH_AXIS)
-            n = lax.psum(1, BATCH_AXIS) * x.shape[1] * x.shape[2]
+            mean = batch_mean(xf.mean(axis=(1, 2)))
+            var = batch_mean(jnp.square(xf - mean[:, None, None]).mean(axis=(1, 2)))
+            n = batch_count() * x.shape[1] * x.shape[2]
             running = state[self.name]
             m = self.momentum
             new = {
