@@ -8,7 +8,7 @@ grain, orbax) load on first use, so `patient.bench` runs .onnx/.tflite files on 
 
 from ._version import __version__
 
-__all__ = ["__version__", "distill", "evaluate", "load", "save", "train"]
+__all__ = ["__version__", "distill", "evaluate", "join_hosts", "load", "save", "train"]
 
 
 def __getattr__(name):
@@ -19,7 +19,7 @@ def __getattr__(name):
         return importlib.import_module("patient.io")
     if name in ("save", "load"):
         return getattr(importlib.import_module("patient.io"), name)
-    if name in ("distill", "train", "evaluate"):
+    if name in ("distill", "train", "evaluate", "join_hosts"):
         # The engine lives in patient.engine: a sub-package named `distill` would shadow the function.
         return getattr(importlib.import_module("patient.engine"), name)
     raise AttributeError(f"module 'patient' has no attribute {name!r}")

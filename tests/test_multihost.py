@@ -162,3 +162,51 @@ def test_two_hosts_of_two_devices_reproduce_one_host_of_four(tmp_path):
     assert resumed["metrics"]["top1"] == one["metrics"]["top1"]
     for a, b in zip(one["params"], resumed["params"]):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_survivor_with_one_line(tmp_path):
+    """Kill one of two patient-distill processes mid-run: the other exits non-zero within 120 s with one line."""
+    import time
+
+    port, workdir = _free_port(), tmp_path / "wd"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    cmd = [sys.executable, "-m", "patient.cli.distill", "--teacher", "cifar_resnet20", "--student", "cifar_resnet20",
+           "--data", "digits", "--workdir", str(workdir), "--out", str(tmp_path / "s.eqx"), "--coordinator",
+           f"localhost:{port}", "--num-processes", "2", "--set", "steps=100000", "--set", "batch_size=32",
+           "--set", "student_res=12", "--set", "log_every=5", "--set", "progress=false"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=env) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 600
+        while not ((workdir / "history.jsonl").is_file() and (workdir / "history.jsonl").read_text().strip()):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run never started"
+            time.sleep(1)
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=150)
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()  # closes the pipes
+    assert procs[0].returncode == 3, err[-3000:]
+    assert took <= 120, took
+    assert "Traceback" not in err
+    assert "patient-distill: error: process 0 of 2 lost another process of the run" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("hosts, expect", [
+    (("localhost:1234", 2, None), "needs all three of --coordinator"),
+    (("localhost", 2, 0), "is not HOST:PORT"),
+    (("localhost:70000", 2, 0), "is not HOST:PORT"),
+    (("localhost:1234", 0, 0), "--num-processes 0 must be an integer >= 1"),
+    (("localhost:1234", 2, 2), "--process-id 2 must be an integer in 0 .. 1"),
+])
+def test_host_arguments_are_checked_before_anything_starts(hosts, expect):
+    from patient.engine.hosts import check_hosts
+
+    with pytest.raises(ValueError, match=expect):
+        check_hosts(*hosts)
+    check_hosts("10.0.0.1:1234", 2, 1)  # fine
+    check_hosts(None, None, None)  # a single-process run

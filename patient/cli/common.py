@@ -3,7 +3,8 @@ the JSON result line, the data specs and the shared steps of the two training co
 
 Conventions, the same in every tool:
 - A user's mistake (bad value, missing or unwritable file, unknown data, a run that diverged) prints ONE line,
-  `<prog>: error: <what is wrong and how to fix it>`, on stderr and exits 2 (1 for a failed export verification).
+  `<prog>: error: <what is wrong and how to fix it>`, on stderr and exits 2 (1 for a failed export verification, 3
+  when another process of a multi-host run died).
   Anything else (TypeError, KeyError, ...) is a bug in patient and keeps its traceback.
 - Results end with one JSON line on stdout; `--json PATH` also writes it to a file (atomically).
 - Importing this module needs the standard library only, so `patient-bench` and `patient-eval` run without JAX.
@@ -66,7 +67,14 @@ def run(prog: str, work: Callable[[], int]) -> int:
         return 143
     except MemoryError as e:
         return fail(prog, f"out of memory ({str(e).strip() or 'MemoryError'}); lower the batch size or resolution")
-    except Exception as e:  # noqa: BLE001  (XLA's allocation failure; anything else keeps its traceback)
+    except Exception as e:  # noqa: BLE001  (XLA's allocation failure, a lost peer; anything else keeps its traceback)
+        if type(e).__name__ == "PeerLostError":
+            # Leave at once: JAX's exit handler would wait for the dead peer at its shutdown barrier until the
+            # heartbeat timeout, then abort with a page of coordination-service logs.
+            fail(prog, e)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
                 "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)):
             first = str(e).strip().splitlines()[0][:200]
@@ -133,14 +141,24 @@ def add_training_args(p: argparse.ArgumentParser, *, data_default: str | None) -
     p.add_argument("--data", default=data_default, help="training data: digits | fashion_mnist | image_folder:PATH")
     p.add_argument("--eval-data", help="labelled evaluation data (the test split of digits / fashion_mnist)")
     p.add_argument("--workdir", help="checkpoints, history and TensorBoard events; a rerun resumes from here")
+    hosts = p.add_argument_group("several hosts (run the same command on every process)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, where it listens")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
+    hosts.add_argument("--cluster", action="store_true",
+                       help="join the cluster JAX detects itself (TPU slice, SLURM, Open MPI) instead")
 
 
 def training_inputs(args: argparse.Namespace) -> tuple:
     """`(config, data, eval_data)` from the shared arguments, every check done before any training starts."""
     from patient.engine import Config, load_config
     from patient.engine.config import parse_set
+    from patient.engine.hosts import check_hosts, join_hosts
     from patient.runtime.data import open_source
 
+    check_hosts(args.coordinator, args.num_processes, args.process_id)
+    if args.cluster and args.coordinator:
+        raise ValueError("give either --cluster or --coordinator/--num-processes/--process-id, not both")
     check_output(args.out)
     overrides = parse_set(args.set)
     cfg = load_config(args.config, **overrides) if args.config else Config().replace(**overrides)
@@ -148,6 +166,7 @@ def training_inputs(args: argparse.Namespace) -> tuple:
         raise ValueError("--data is required: digits, fashion_mnist or image_folder:PATH")
     data = open_source(args.data, "train")  # the one data-spec parser, shared with the JAX-free device path
     eval_data = open_source(args.eval_data, "test") if args.eval_data else None
+    join_hosts(args.coordinator, args.num_processes, args.process_id, auto=args.cluster)  # before JAX touches a device
     return cfg, data, eval_data
 
 

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from .teachers import DataLike, ModelLike, TeacherLike
 
 
+class PeerLostError(RuntimeError):
+    """Another process of a multi-host run died or became unreachable; this one cannot go on alone."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
@@ -136,8 +140,8 @@ def distill(teacher: TeacherLike, student: ModelLike, data: DataLike, *, eval_da
     cfg = _config(config, overrides)
     if cfg.mode == "supervised":
         raise ConfigError("mode='supervised' is for patient.train; distill needs a teacher mode such as 'fm'")
-    return _run(cfg, teacher=teacher, student=student, data=data, eval_data=eval_data, workdir=workdir,
-                devices=devices)
+    return _run_hosts(cfg, teacher=teacher, student=student, data=data, eval_data=eval_data, workdir=workdir,
+                      devices=devices)
 
 
 def train(model: ModelLike, data: DataLike, *, eval_data: DataLike | None = None,
@@ -147,7 +151,28 @@ def train(model: ModelLike, data: DataLike, *, eval_data: DataLike | None = None
     checkpoints and evaluation as `distill`. The augmentation is the student view of `mode` (default `fm`: inception
     crop, flip and mixup). Use it for teachers and for no-distillation baselines."""
     cfg = _config(config, overrides)
-    return _run(cfg, teacher=None, student=model, data=data, eval_data=eval_data, workdir=workdir, devices=devices)
+    return _run_hosts(cfg, teacher=None, student=model, data=data, eval_data=eval_data, workdir=workdir,
+                      devices=devices)
+
+
+# What XLA / gloo / the coordination service say when another process of the run has gone.
+_PEER_SIGNS = ("Gloo", "Connection reset by peer", "Connection refused", "heartbeat timeout", "Barrier failed",
+               "task is set to ERROR", "UNAVAILABLE")
+
+
+def _run_hosts(cfg: Config, **kw) -> DistillResult:
+    """`_run`, with the loss of another process of a multi-host run turned into one `PeerLostError`."""
+    try:
+        return _run(cfg, **kw)
+    except Exception as e:
+        if jax.process_count() > 1 and type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(
+                sign in str(e) for sign in _PEER_SIGNS):
+            first = str(e).strip().splitlines()[0]
+            raise PeerLostError(
+                f"process {jax.process_index()} of {jax.process_count()} lost another process of the run "
+                f"({first[-160:]}); restart every process with the same command (a workdir run resumes from its "
+                "last checkpoint)") from None
+        raise
 
 
 def _put(mesh, tree):
