@@ -82,9 +82,21 @@ RUN = textwrap.dedent("""
     import patient
     from patient.data import digits
     from patient.models import create
+    import time
+
+    class Slow:  # a source that takes a little time per example (argv[6] == "slow"), so a test can kill mid-run
+        def __init__(self, src):
+            self.src, self.num_classes, self.class_names = src, src.num_classes, src.class_names
+        def __len__(self):
+            return len(self.src)
+        def __getitem__(self, i):
+            time.sleep(0.03)
+            return self.src[i]
+
+    data = Slow(digits("train")) if sys.argv[6:] == ["slow"] else digits("train")
     teacher = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=12, depths=(1, 1, 1))
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=12, depths=(1, 1, 1))
-    r = patient.distill(teacher, student, digits("train"), eval_data=digits("test"), mode="fm", steps=20,
+    r = patient.distill(teacher, student, data, eval_data=digits("test"), mode="fm", steps=20,
                         batch_size=32, eval_batch_size=100, progress=False, optimizer="sgd", learning_rate=0.05,
                         workdir=workdir, checkpoint_every=10, log_every=5)
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(r.student, eqx.is_array))]
@@ -94,11 +106,11 @@ RUN = textwrap.dedent("""
 """)
 
 
-def _launch(script, tmp_path, name, nproc, devices, workdir):
+def _launch(script, tmp_path, name, nproc, devices, workdir, *extra):
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(nproc), str(tmp_path / f"{name}{i}"),
-                              str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              str(workdir), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                              env=env) for i in range(nproc)]
 
 
@@ -162,6 +174,26 @@ def test_two_hosts_of_two_devices_reproduce_one_host_of_four(tmp_path):
     assert resumed["metrics"]["top1"] == one["metrics"]["top1"]
     for a, b in zip(one["params"], resumed["params"]):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    # SIGKILL of both processes after the step-10 checkpoint, then a rerun: bit-identical to the uninterrupted 2 x 2.
+    import time
+
+    wd = tmp_path / "wd4"
+    procs = _launch(script, tmp_path, "killed", 2, 2, wd, "slow")
+    deadline = time.monotonic() + 600
+    try:
+        while not (wd / "checkpoints" / "10").is_dir():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint at step 10"
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert not (tmp_path / "killed0.npz").exists()  # killed before the end
+    for code, err in _wait(_launch(script, tmp_path, "rerun", 2, 2, wd, "slow")):
+        assert code == 0, err[-3000:]
+    rerun = _result(tmp_path, "rerun0")
+    for a, b in zip(p0["params"], rerun["params"]):
+        np.testing.assert_array_equal(b, a)
 
 
 @pytest.mark.slow
