@@ -1,10 +1,12 @@
 """The train state, the optimiser, and the one jitted step that distils (or trains) on a device mesh.
 
-The step is a plain `jax.jit` over a `jax.sharding.Mesh` with one axis, `"data"`: the train state is replicated, the
-batch is split along its first axis. BatchNorm's batch statistics are means over the vmapped batch axis, which under
-the sharded jit is the *global* batch, so they are mesh-wide without any collective written by hand. The same code runs
-on 1 CPU, N simulated CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`), a GPU, a TPU slice, or
-several hosts after `jax.distributed.initialize()`.
+The step is `jax.jit` of a `jax.shard_map` over a mesh with one axis, `"data"`: the train state is replicated, the
+batch is split along its first axis, and each device runs the teacher forward, the student forward and the backward
+pass on its slice. Gradients and metrics are averaged over `"data"` with `lax.pmean`; BatchNorm's batch statistics are
+averaged over `"data"` as well (`patient.models.layers.batch_mean`), so they are global-batch statistics. Mixup and
+the optimizer update run outside the `shard_map`, on the global batch and the replicated state. The same code runs on
+1 CPU, N simulated CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`), a GPU, a TPU slice, or several
+hosts after `patient.join_hosts(...)`.
 """
 
 from __future__ import annotations
