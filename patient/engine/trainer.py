@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -181,6 +182,22 @@ def _put(mesh, tree):
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
+class _Prefetch:
+    """The batches of the next `depth` steps, read, prepared and already sent to the mesh, so their transfer overlaps
+    the step that runs. Each comes with the data-iterator state just after it: what a checkpoint at that step saves
+    (the iterator itself is `depth` batches ahead)."""
+
+    def __init__(self, it, prepare, *, steps: int, depth: int = 2):
+        self.it, self.prepare, self.depth, self.left = it, prepare, depth, steps  # never reads past the last step
+        self.queue: collections.deque = collections.deque()
+
+    def __next__(self):
+        while len(self.queue) < self.depth and self.left > 0:
+            self.left -= 1
+            self.queue.append((self.prepare(next(self.it)), self.it.get_state()))
+        return self.queue.popleft()
+
+
 def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=None) -> DistillResult:
     supervised = teacher is None
     source = _as_source(data)
@@ -273,14 +290,18 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     window_t, window_n = t0, 0  # throughput over the last log window (excludes compilation after the first)
     ok, checked, loss = None, start, float("nan")
     try:
-        for step in range(start, total):
-            raw = next(it)
+        def prepare(raw):
             batch = {"student": raw["student"], "label": raw["label"].astype(np.int32)}
             if use_cache:
                 batch["teacher_probs"] = cache[np.asarray(raw["index"])]
             elif not supervised:
                 batch["teacher"] = raw["teacher"]
-            ts, m = step_fn(ts, _put(mesh, batch), teachers)
+            return _put(mesh, batch)
+
+        feed = _Prefetch(it, prepare, steps=total - start, depth=2)
+        for step in range(start, total):
+            batch, data_state = next(feed)
+            ts, m = step_fn(ts, batch, teachers)
             # The host reads the loss only at log and checkpoint steps, so it never waits for the device in between
             # (it prepares the next batch while the step runs); the finiteness flags are folded on device meanwhile.
             flags = {k_: m.pop(k_) for k_ in ("finite_teacher",) if k_ in m}
@@ -306,10 +327,10 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                 ev = _evaluate(cfg, mesh, ts, student_eval, teacher_eval, teachers, eval_source, s_res, t_res)
                 history.append({"step": done, **{f"eval_{k_}": v for k_, v in ev.items()}})
             if checkpointing:
-                ckpt.save(done, ts, it.get_state())
+                ckpt.save(done, ts, data_state)
             window_t += time.perf_counter() - paused
         if ckpt is not None and ckpt.latest() != total:
-            ckpt.save(total, ts, it.get_state())
+            ckpt.save(total, ts, data_state if total > start else it.get_state())
     except BaseException:
         history.close()
         raise
