@@ -6,9 +6,10 @@ Setup: cifar_resnet56 teacher -> cifar_resnet20 student at 32 px, batch 128, mod
 mixup), Adam, on the 60000 Fashion-MNIST training images (Debian's `dataset-fashion-mnist`). The same models, batch
 and config in every row.
 
-- `bare step`: the step `distill` compiles (`patient.engine.step.make_step`), called `--steps` times on 4 batches
-  rendered by the real pipeline and already on the device, blocking on the last one only (as the loop does between
-  log steps); images/s over those steps, compilation excluded.
+- `bare step`: the step `distill` compiles (`patient.engine.step.make_step`), with the state and teachers placed on
+  the mesh as the trainer places them, called `--steps` times (after 3 warm-up calls) on 4 batches rendered by the
+  real pipeline and already on the device, blocking on the last one only (as the loop does between log steps);
+  images/s over those steps, compilation excluded.
 - `distill(num_workers=N)`: the whole loop (data pipeline with N worker processes, device prefetch, logging every 10
   steps; no evaluation, no checkpoints), `--steps` + 10 steps; images/s is the median of the trainer's own 10-step
   throughput windows after the first (which holds compilation).
@@ -52,6 +53,8 @@ def bare_step(data, steps: int) -> float:
     import equinox as eqx
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from patient.data.pipeline import pipeline
     from patient.engine.config import Config
@@ -64,15 +67,16 @@ def bare_step(data, steps: int) -> float:
     opt = make_optimizer(cfg, steps)
     mesh = make_mesh()
     step = make_step(cfg, static, opt, mesh=mesh, supervised=False, use_cache=False, mix=True, total_steps=steps)
-    ts = init_state(params, s_state, opt, 0)
-    ts = jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), ts)
-    teachers = [(teacher, t_state)]
+    replicated = NamedSharding(mesh, P())  # placed as the trainer places them, so no call recompiles
+    ts = jax.device_put(init_state(params, s_state, opt, 0), replicated)
+    teachers = jax.device_put([(teacher, t_state)], replicated)
     with contextlib.closing(iter(pipeline(data, mode="fm", student_res=RES, batch_size=BATCH, seed=0))) as it:
         raws = [next(it) for _ in range(4)]
     batches = [put_batch(mesh, {"student": r["student"], "teacher": r["teacher"], "label": r["label"].astype(np.int32)})
                for r in raws]
-    ts, m = step(ts, batches[0], teachers)  # compile
-    jax.block_until_ready(m["loss"])
+    for i in range(3):  # compile, and make sure a second call does not compile again
+        ts, m = step(ts, batches[i % 4], teachers)
+        jax.block_until_ready(m["loss"])
     t0 = time.perf_counter()
     for i in range(steps):
         ts, m = step(ts, batches[i % 4], teachers)

@@ -141,7 +141,7 @@ def main(argv=None):
             b = r["best"][o]
             row[o] = f"{b['loss']:.2e}{'!' if b['edge'] else ''}" + ("" if o == "adam" else f" ({b['score']:.2g})")
         rows.append(row)
-    log(table(rows, [("problem", "problem"), ("adam", "Adam")] + [(o, o.replace(":", "[") + "]") for o in optimizers[1:]]))
+    log(table(rows, [("problem", "problem")] + [(o, o.replace("shampoo:", "")) for o in optimizers]))
     log()
     geo = {o: math.exp(statistics.fmean([math.log(r["best"][o]["score"]) for r in results])) for o in optimizers[1:]}
     wins = {o: sum(min(optimizers[1:], key=lambda q: r["best"][q]["loss"]) == o for r in results) for o in optimizers[1:]}
