@@ -216,6 +216,14 @@ def header(command: str, seconds: float, what: str, quiet: Quiet | None = None) 
         [quiet.describe()] if quiet else []) + [what, ""]
 
 
+class Printer(list):
+    """Prints each line it is called with and keeps it, for `save_with_header`: `lines = log = Printer()`."""
+
+    def __call__(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.append(s)
+
+
 def save_with_header(path, lines: list[str], *, run_time: float, load: float, modules, note: str = "",
                      shared: bool = True) -> None:
     """Write `lines` to `path` under the header the optimizer/method benchmarks use: command, date, machine,

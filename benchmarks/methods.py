@@ -59,7 +59,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import json_line, save_with_header, table  # noqa: E402
+from common import Printer, json_line, save_with_header, table  # noqa: E402
 from shampoo_vs_adam import get_teacher, teacher_note  # noqa: E402  (cached teacher, or trained exactly as there)
 
 # (row name, method, settings text, Config overrides); None method = no distillation (patient.train)
@@ -146,11 +146,7 @@ def main():
     if unknown or not seeds:
         p.error(f"unknown rows {sorted(unknown)} or no seeds")
     rows_cfg = [r for r in ROWS if r[0] in names]
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    lines = log = Printer()
 
     load = os.getloadavg()[0]
     t0 = time.perf_counter()

@@ -43,7 +43,7 @@ import optax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import cpu_model, save_with_header, table  # noqa: E402
+from common import Printer, cpu_model, save_with_header, table  # noqa: E402
 
 from patient.optim import shampoo  # noqa: E402
 from patient.optim.shampoo import GRAFTS  # noqa: E402
@@ -108,11 +108,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--save", type=pathlib.Path, help="also write the output, with a header, to this file")
     args = p.parse_args(argv)
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    lines = log = Printer()
 
     load = os.getloadavg()[0]
     t0 = time.perf_counter()

@@ -56,7 +56,7 @@ import optax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import cpu_model, save_with_header  # noqa: E402
+from common import Printer, cpu_model, save_with_header  # noqa: E402
 
 from patient.optim import shampoo  # noqa: E402
 
@@ -188,11 +188,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--save", type=pathlib.Path, help="also write the output, with a header, to this file")
     args = parser.parse_args()
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    lines = log = Printer()
 
     load = os.getloadavg()[0]
     t0 = time.perf_counter()

@@ -72,7 +72,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import cached_teacher, cpu_model, save_with_header, table, teacher_note  # noqa: E402
+from common import Printer, cached_teacher, cpu_model, save_with_header, table, teacher_note  # noqa: E402
 
 CACHE = pathlib.Path("/tmp/patient_bench")
 
@@ -163,11 +163,7 @@ def main(argv=None):
         p.error("--adam-lrs and --shampoo-lrs take comma-separated numbers (e.g. 3e-3,1e-2)")
     if not adam_lrs or not all(sh_lrs.values()) or args.seeds < 1:
         p.error("--adam-lrs and --shampoo-lrs each need at least one learning rate, and --seeds must be >= 1")
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    lines = log = Printer()
 
     load = os.getloadavg()[0]
     t0 = time.perf_counter()

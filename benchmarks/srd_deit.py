@@ -52,7 +52,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
-from common import cached_teacher, json_line, save_with_header, table, teacher_note  # noqa: E402
+from common import Printer, cached_teacher, json_line, save_with_header, table, teacher_note  # noqa: E402
 from methods import predictions  # noqa: E402  (top-1 class of a model on every example of a source)
 
 CACHE = pathlib.Path.home() / ".cache" / "patient" / "srd_deit"
@@ -115,11 +115,7 @@ def main():
     names = [s for s in a.rows.split(",") if s]
     if set(names) - set(ROWS) or not seeds:
         p.error(f"rows must be among {', '.join(ROWS)} and --seeds non-empty")
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    lines = log = Printer()
 
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
