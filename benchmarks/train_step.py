@@ -4,7 +4,8 @@
 
 Pairs: bit_r50x1 -> mobilenetv3_small_100 at 128 px, batch 32; cifar_resnet56 -> cifar_resnet20 at 32 px, batch 128.
 The step: mixup (one lambda, roll by one) on both views, teacher forward without gradient, KL at T=1, student forward
-and backward, Adam update. JAX variants: teacher float32 / bfloat16 (state donated in both). PyTorch: timm models
+and backward, Adam update. JAX variants: teacher float32 / bfloat16, and both in bfloat16 (the student's forward and
+backward with `compute_dtype="bfloat16"`, float32 master weights); the state is donated in all three. PyTorch: timm models
 (CIFAR ResNets written here, same architecture), eager, as many threads as cores. Compile time is reported apart.
 
 The split table times the parts of the step one by one, in both frameworks: teacher forward (no gradient), student
@@ -29,13 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Quiet, header, json_line, median, report, table, time_call  # noqa: E402
 
+# child -> (teacher_dtype, compute_dtype) for the JAX variants; "torch" is PyTorch eager
+CHILDREN = {"jax_float32": ("float32", "float32"), "jax_bfloat16": ("bfloat16", "float32"),
+            "jax_bf16_compute": ("bfloat16", "bfloat16"), "torch": None}
+
 PAIRS = [
     ("bit_r50x1", "mobilenetv3_small_100", 128, 32),
     ("cifar_resnet56", "cifar_resnet20", 32, 128),
 ]
 
 
-def child_jax(steps: int, teacher_dtype: str) -> dict:
+def child_jax(steps: int, teacher_dtype: str, compute_dtype: str = "float32") -> dict:
     import equinox as eqx
     import jax
     import numpy as np
@@ -47,7 +52,7 @@ def child_jax(steps: int, teacher_dtype: str) -> dict:
 
     out = {}
     for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
-        cfg = Config(batch_size=bs, steps=1000, teacher_dtype=teacher_dtype)
+        cfg = Config(batch_size=bs, steps=1000, teacher_dtype=teacher_dtype, compute_dtype=compute_dtype)
         t = create(t_name, num_classes=100, key=jax.random.key(0))
         if teacher_dtype == "bfloat16":
             t = cast_floating(t, jax.numpy.bfloat16)
@@ -73,7 +78,7 @@ def child_jax(steps: int, teacher_dtype: str) -> dict:
 
         times = time_call(one, warmup=2, runs=steps)
         res_pair = {"images_per_s": bs / median(times), "compile_s": compile_s}
-        if teacher_dtype == "float32":
+        if teacher_dtype == "float32" and compute_dtype == "float32":
             res_pair["split_ms"] = jax_split(t, holder["ts"], static, opt, batch, steps)
         out[f"{t_name}->{s_name}"] = res_pair
     return out
@@ -193,17 +198,17 @@ def child_torch(steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--child", choices=["jax_float32", "jax_bfloat16", "torch"])
+    p.add_argument("--child", choices=list(CHILDREN))
     p.add_argument("--save")
     args = p.parse_args()
     if args.child:
-        res = child_torch(args.steps) if args.child == "torch" else child_jax(args.steps, args.child[4:])
+        res = child_torch(args.steps) if args.child == "torch" else child_jax(args.steps, *CHILDREN[args.child])
         print(json.dumps(res))
         return
     t0 = time.perf_counter()
     results = {}
     with Quiet() as quiet:
-        for child in ("jax_float32", "jax_bfloat16", "torch"):
+        for child in CHILDREN:
             r = subprocess.run([sys.executable, __file__, "--child", child, "--steps", str(args.steps)],
                                capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
             results[child] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
@@ -215,7 +220,7 @@ def main() -> None:
         for child in results:
             row[child] = results[child].get(k, {}).get("images_per_s")
         row["compile_s"] = results["jax_float32"].get(k, {}).get("compile_s")
-        best = max((row[c] for c in ("jax_float32", "jax_bfloat16") if row[c]), default=None)
+        best = max((row[c] for c in CHILDREN if c != "torch" and row[c]), default=None)
         row["best_jax_vs_torch"] = best / row["torch"] if best and row["torch"] else None
         rows.append(row)
     split_rows = []
@@ -232,6 +237,7 @@ def main() -> None:
     lines = header(f"python benchmarks/train_step.py --steps {args.steps}", wall, what, quiet) + [
         table(rows, [("pair", "teacher->student"), ("res", "px"), ("batch", "batch"),
                      ("jax_float32", "jax f32 teacher"), ("jax_bfloat16", "jax bf16 teacher"),
+                     ("jax_bf16_compute", "jax bf16 teacher+student"),
                      ("torch", "torch eager"), ("best_jax_vs_torch", "best jax/torch"),
                      ("compile_s", "compile s")]),
         "",

@@ -38,6 +38,9 @@ class Config:
     teacher_res: int = 0  # 0: same as student_res
     teacher_resolutions: tuple = ()  # one teacher at several resolutions: mean of their probabilities
     teacher_dtype: str = "float32"  # or "bfloat16"
+    # "bfloat16": the student's forward and backward run in bfloat16; its weights, the optimizer state, BatchNorm
+    # statistics and the loss stay float32 (mixed precision)
+    compute_dtype: str = "float32"
     fix_crops: int = 8  # K inception crops averaged by fix/ic_ens
     crop_area_min: float = 0.05  # inception crops cover (crop_area_min, 1] of the image (the paper: 0.05)
     mixup_alpha: float = 1.0
@@ -152,6 +155,7 @@ def _check(c: Config) -> None:
     need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be > 0")
     need(0 <= c.warmup_fraction < 1, f"warmup_fraction={c.warmup_fraction} must be in [0, 1)")
     need(c.teacher_dtype in ("float32", "bfloat16"), f"teacher_dtype={c.teacher_dtype!r}; use 'float32' or 'bfloat16'")
+    need(c.compute_dtype in ("float32", "bfloat16"), f"compute_dtype={c.compute_dtype!r}; use 'float32' or 'bfloat16'")
     need(c.student_res >= 0 and c.teacher_res >= 0, "resolutions must be >= 0 (0 = from the model's spec)")
     need(all(isinstance(r, int) and r > 0 for r in c.teacher_resolutions),
          f"teacher_resolutions={c.teacher_resolutions!r} must be positive integers")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from patient.models.registry import spec_of
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .teachers import DataLike, ModelLike
 
 
-def as_source(data):
+def as_source(data: DataLike) -> Any:
     """`data` as a random-access source: a source is returned as is, `(images, labels)` arrays are wrapped, anything
     else (a name, a path, an empty source) is refused with one line."""
     from patient.data import arrays
@@ -44,7 +45,7 @@ def as_source(data):
     return data
 
 
-def check_labels(source, num_classes: int, what: str, *, supervised: bool = False) -> None:
+def check_labels(source: Any, num_classes: int, what: str, *, supervised: bool = False) -> None:
     """Labels must index the model's classes (-1 = unlabelled); supervised training needs two classes at least."""
     labels = getattr(source, "labels", None)
     if labels is None:
@@ -60,13 +61,14 @@ def check_labels(source, num_classes: int, what: str, *, supervised: bool = Fals
                          "two at least (check the folder: one sub-folder per class)")
 
 
-def put_batch(mesh, tree):
+def put_batch(mesh: Mesh, tree: Any) -> Any:
     """Host arrays (this process's share of the global batch) -> arrays split over the mesh's data axis."""
     sharding = NamedSharding(mesh, P("data"))
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
-def evaluate_on_mesh(cfg, mesh, ts, student_eval, teacher_eval, teachers, source, s_res, t_res) -> dict:
+def evaluate_on_mesh(cfg: Config, mesh: Mesh, ts: TrainState, student_eval: Callable, teacher_eval: Callable,
+                     teachers: Sequence[Any], source: Any, s_res: int, t_res: int) -> dict:
     """Student top-1/top-5, teacher top-1, agreement and KL(teacher || student) at T=1 over every example once.
 
     Every process walks the same (deterministic) evaluation batches and puts only its share of each on the mesh;

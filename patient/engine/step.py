@@ -113,8 +113,14 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
 
     def loss_fn(params, model_state, batch, targets, t_probs, t_feats, warm):
         student_params, aux = params
+        images = batch["student"]
+        if cfg.compute_dtype == "bfloat16":  # mixed precision: float32 master weights, bfloat16 forward and backward
+            student_params = jax.tree_util.tree_map(
+                lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, student_params)
+            images = images.astype(jnp.bfloat16)
         model = eqx.combine(student_params, student_static)
-        logits, feats, new_state = apply(model, model_state, batch["student"], train=True)
+        logits, feats, new_state = apply(model, model_state, images, train=True)
+        logits = logits.astype(jnp.float32)  # every loss is computed in float32
         metrics = {}
         labelled = batch["label"] >= 0
         if supervised:
@@ -153,10 +159,14 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         metrics["loss"] = loss
         return loss, (new_state, metrics)
 
+    # A Keras student (`batched`) normalises with Keras's own BatchNorm, which cannot reduce over a mesh axis: its part
+    # of the step stays a plain sharded jit over the global batch (XLA partitions it), so its statistics stay global.
+    axes = () if getattr(type(student_static), "batched", False) else (DATA_AXIS,)
+
     def per_device(params, model_state, batch, targets, teachers, warm):
         """One device's share of the step: its slice of the batch in, gradients and metrics averaged over the mesh's
         data axis out (so every device leaves with the same values, those of the whole global batch)."""
-        token = MESH_BATCH_AXES.set((DATA_AXIS,))  # BatchNorm statistics over the global batch (read while tracing)
+        token = MESH_BATCH_AXES.set(axes)  # BatchNorm statistics over the global batch (read while tracing)
         try:
             t_probs = t_feats = None
             if use_cache:
@@ -172,11 +182,13 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         # teacher is reported as such, not as a learning rate to lower.
         if t_probs is not None:
             metrics["finite_teacher"] = jnp.all(jnp.isfinite(t_probs)).astype(jnp.float32)
-        grads, metrics = lax.pmean((grads, metrics), DATA_AXIS)  # equal shards: the mean of means is the global mean
+        for axis in axes:  # equal shards: the mean of the shards' means is the global mean
+            grads, metrics = lax.pmean((grads, metrics), axis)
         return grads, new_state, metrics
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
-                            out_specs=(P(), P(), P()), check_vma=False)
+    sharded = per_device if not axes else jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()), out_specs=(P(), P(), P()),
+        check_vma=False)
 
     def step(ts: TrainState, batch, teachers):
         key = jax.random.wrap_key_data(ts.key)

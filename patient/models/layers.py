@@ -149,8 +149,9 @@ def _kernel_grad(x: Array, w: Array, g: Array, stride: int, padding: tuple, grou
     total = 0
     for lo in range(0, x.shape[0], chunk):
         xs, gs = x[lo:lo + chunk], g[lo:lo + chunk]
-        total = total + jax.vjp(lambda w_: _batched_conv(xs, w_, stride, padding, groups), w)[1](gs)[0]
-    return total
+        part = jax.vjp(lambda w_: _batched_conv(xs, w_, stride, padding, groups), w)[1](gs)[0]
+        total = total + part.astype(jnp.float32)  # chunks summed in float32 (bfloat16 sums would lose the small ones)
+    return total.astype(w.dtype)
 
 
 @functools.cache
