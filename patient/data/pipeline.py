@@ -142,6 +142,12 @@ class _RenderPair(grain.transforms.Map):
         }
 
 
+def _host_share(total: int, block: int, index: int, count: int) -> int:
+    """How many of `total` stream elements process `index` of `count` reads, in runs of `block` (see `_HostBlocks`)."""
+    full, rest = divmod(total, block * count)
+    return full * block + min(block, max(0, rest - index * block))
+
+
 class _HostBlocks(grain.MapDataset):
     """Process `index` of `count`: from every `count * block` consecutive elements of the global stream, the
     `index`-th run of `block`. With `block` the per-process batch size, the processes' batches k, concatenated in
@@ -150,8 +156,7 @@ class _HostBlocks(grain.MapDataset):
     def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
         super().__init__(parent)
         self._block, self._index, self._count = block, index, count
-        full, rest = divmod(len(parent), block * count)
-        self._length = full * block + min(block, max(0, rest - index * block))
+        self._length = _host_share(len(parent), block, index, count)
 
     def __len__(self) -> int:
         return self._length
@@ -387,8 +392,7 @@ def pipeline(
         )
     if epochs is not None:
         epochs = _check_positive_int("epochs", epochs)
-        full, rest = divmod(n * epochs, batch_size * shard[1])
-        per_shard = full * batch_size + min(batch_size, max(0, rest - shard[0] * batch_size))
+        per_shard = _host_share(n * epochs, batch_size, shard[0], shard[1])
         if drop_remainder and per_shard < batch_size:
             raise ValueError(
                 f"batch_size={batch_size} exceeds the {per_shard} examples this shard sees in {epochs} epoch(s); "

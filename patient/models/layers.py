@@ -29,21 +29,23 @@ MESH_BATCH_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVa
                                                                                  default=())
 
 
+def _over_batch(reduce, x):
+    """`reduce` (lax.pmean / lax.psum) over the vmapped batch axis, then over each axis in `MESH_BATCH_AXES`."""
+    x = reduce(x, BATCH_AXIS)
+    for axis in MESH_BATCH_AXES.get():
+        x = reduce(x, axis)
+    return x
+
+
 def batch_mean(x: Array) -> Array:
     """Mean of `x` over every example of the batch: the vmapped axis, then each mesh axis in `MESH_BATCH_AXES` (equal
     shards, so the mean of the shard means is the global mean)."""
-    x = lax.pmean(x, BATCH_AXIS)
-    for axis in MESH_BATCH_AXES.get():
-        x = lax.pmean(x, axis)
-    return x
+    return _over_batch(lax.pmean, x)
 
 
 def batch_count() -> Array:
     """Number of examples in the global batch (see `batch_mean`)."""
-    n = lax.psum(1, BATCH_AXIS)
-    for axis in MESH_BATCH_AXES.get():
-        n = lax.psum(n, axis)
-    return n
+    return _over_batch(lax.psum, 1)
 
 
 def host_rng(key: Array | None) -> np.random.Generator:
