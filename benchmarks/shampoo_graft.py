@@ -1,6 +1,6 @@
 """Which graft should Shampoo default to? Every graft against tuned Adam on Kronecker-structured quadratics.
 
-Run (from the repository root; a few minutes on 2 cores, mostly compilation):
+Run (from the repository root; 22 minutes in the last run, on 2 cores shared with other jobs):
 
     python benchmarks/shampoo_graft.py                     # print the tables and one JSON line
     python benchmarks/shampoo_graft.py --save benchmarks/results/shampoo_graft.txt
