@@ -185,7 +185,7 @@ def test_bfloat16_teacher_and_resolution_ensemble(teacher):
 
 
 METHOD_PAIRS = {"kd": (), "dkd": (), "fitnets": ("stage2", "stage3"), "at": ("stage2",), "nst": ("stage3",),
-                "fsp": ("stage1:stage2",), "srd": ("pre_logits",)}
+                "fsp": ("stage1:stage2",), "srd": ("pre_logits",), "crd": ("pre_logits",)}
 
 
 @pytest.mark.parametrize("method", fast_only(METHOD_PAIRS, keep=("kd", "fitnets")))
@@ -328,7 +328,10 @@ MESH_SCRIPT = textwrap.dedent("""
     from patient.models import create
     out = {}
     src = digits("test")
-    for name, kw in [("bit_r26x1_cifar", dict(depths=(1, 1, 1, 1), width=0.5)), ("cifar_resnet20", dict(depths=(1, 1, 1)))]:
+    # CRD: its banks are updated on every device with the whole global batch's embeddings
+    for label, name, kw, extra in [("bit_r26x1_cifar", "bit_r26x1_cifar", dict(depths=(1, 1, 1, 1), width=0.5), {}),
+                                   ("cifar_resnet20", "cifar_resnet20", dict(depths=(1, 1, 1)), {}),
+                                   ("crd", "cifar_resnet20", dict(depths=(1, 1, 1)), dict(method="crd"))]:
         t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=16, depths=(1, 1, 1))
         s = create(name, num_classes=10, key=jax.random.key(1), resolution=16, **kw)
         for n in (1, 4):
@@ -336,8 +339,8 @@ MESH_SCRIPT = textwrap.dedent("""
             # (where sums of opposite terms cancel) become full-size steps whose sign depends on summation order;
             # that measures Adam, not the mesh. With SGD the two runs agree to ~2e-8.
             r = patient.distill(t, s, src, steps=20, batch_size=32, log_every=1, progress=False,
-                                devices=jax.devices()[:n], optimizer="sgd", learning_rate=0.05)
-            out[f"{name}/{n}"] = [h["loss"] for h in r.history]
+                                devices=jax.devices()[:n], optimizer="sgd", learning_rate=0.05, **extra)
+            out[f"{label}/{n}"] = [h["loss"] for h in r.history]
     try:
         patient.distill(t, s, src, steps=1, batch_size=30, progress=False)
     except ValueError as e:
@@ -352,7 +355,7 @@ def test_four_device_mesh_matches_one_device():
     p = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    for name in ("bit_r26x1_cifar", "cifar_resnet20"):
+    for name in ("bit_r26x1_cifar", "cifar_resnet20", "crd"):
         one, four = np.array(out[f"{name}/1"]), np.array(out[f"{name}/4"])
         assert len(one) == 20
         np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)

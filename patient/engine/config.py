@@ -47,7 +47,8 @@ class Config:
     label_weight: float = 0.0  # weight of cross-entropy on labels added to the KL
     label_smoothing: float = 0.0  # supervised training (patient.train)
     # what is matched: "kl" (logits; function matching), "kd" (alpha * CE + (1 - alpha) * T^2 KL), or a method added
-    # to the KL: "dkd" (logits), "fitnets", "at", "nst", "fsp", "srd" (features; see patient.engine.feature_losses);
+    # to the KL: "dkd" (logits), "fitnets", "at", "nst", "fsp", "srd", "crd" (features; see
+    # patient.engine.feature_losses and patient.engine.crd);
     # "deit" (a distilled DeiT student: labels on its class head, the teacher on its distillation head; replaces the KL)
     method: str = "kl"
     method_weight: float = 1.0
@@ -56,6 +57,10 @@ class Config:
     dkd_alpha: float = 1.0  # DKD: weight of the target-class part (TCKD)
     dkd_beta: float = 8.0  # DKD: weight of the non-target part (NCKD)
     dkd_warmup_fraction: float = 20 / 240  # DKD's loss weight rises linearly over this fraction of the steps
+    crd_feat_dim: int = 128  # CRD: embedding width
+    crd_negatives: int = 16384  # CRD: negatives per example, drawn uniformly from the whole dataset
+    crd_temperature: float = 0.07  # CRD: temperature of the scores
+    crd_momentum: float = 0.5  # CRD: the memory banks keep this much of a row at each update
     deit_kind: str = "hard"  # DeiT: "hard" (CE on the teacher's top class) or "soft" (T^2 KL at `temperature`)
     deit_alpha: float = 0.5  # DeiT: weight of the distillation head's term; the class head's is 1 - deit_alpha
     # how long
@@ -139,8 +144,11 @@ def _check(c: Config) -> None:
     bad = [k for k in FIELDS if isinstance(getattr(c, k), float) and not math.isfinite(getattr(c, k))]
     need(not bad, f"{', '.join(f'{k}={getattr(c, k)}' for k in bad)}: config values must be finite numbers")
     need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
-    need(c.method in ("kl", "kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd"),
-         f"method={c.method!r}; use kl, kd, dkd, deit, fitnets, at, nst, fsp or srd")
+    need(c.method in ("kl", "kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd", "crd"),
+         f"method={c.method!r}; use kl, kd, dkd, deit, fitnets, at, nst, fsp, srd or crd")
+    need(c.crd_feat_dim > 0 and c.crd_negatives > 0 and c.crd_temperature > 0 and 0 <= c.crd_momentum < 1,
+         f"crd_feat_dim={c.crd_feat_dim}, crd_negatives={c.crd_negatives}, crd_temperature={c.crd_temperature}, "
+         f"crd_momentum={c.crd_momentum}: use sizes > 0, a temperature > 0 and a momentum in [0, 1)")
     need(c.deit_kind in ("hard", "soft") and 0 <= c.deit_alpha <= 1,
          f"deit_kind={c.deit_kind!r}, deit_alpha={c.deit_alpha}: use hard or soft, and an alpha in [0, 1]")
     need(c.dkd_alpha >= 0 and c.dkd_beta >= 0 and 0 <= c.dkd_warmup_fraction <= 1,

@@ -29,7 +29,7 @@ from patient.models.layers import host_rng
 from .losses import cross_entropy, kl_divergence
 
 Array = jax.Array
-METHODS = ("kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd")
+METHODS = ("kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd", "crd")  # crd: patient.engine.crd
 LOGIT_METHODS = ("kd", "dkd", "deit")  # need logits only: no stage pairs, no auxiliary modules
 _EPS = 1e-12  # floor on a norm: an all-zero (dead ReLU) channel or map normalises to zeros with finite gradients
 
@@ -355,12 +355,13 @@ def check_feature_shapes(student_feats_shapes: Mapping, teacher_feats_shapes: Ma
 
     - `student_feats_shapes`, `teacher_feats_shapes`: `{name: shape}` including the batch axis (tuples, or the
       `ShapeDtypeStruct`s of `jax.eval_shape` over `patient.models.apply`).
-    - `pairs`: for "fitnets", "at", "nst", "srd" a list of `(student_name, teacher_name)` (a bare name means the same
+    - `pairs`: for "fitnets", "at", "nst", "srd", "crd" a list of `(student_name, teacher_name)` (a bare name means the same
       name on both sides); for "fsp" a list of `(first_name, second_name)` stages, taken from both networks.
-    - `method`: one of "kd", "dkd", "fitnets", "at", "nst", "fsp", "srd".
+    - `method`: one of `METHODS`.
 
     **Returns:** the `(in, out)` sizes of the auxiliary modules to build, one per pair: `HintRegressor(C_s, C_t)` for
-    "fitnets", `Projector(D_s, D_t)` for "srd"; `[]` for the others.
+    "fitnets", `Projector(D_s, D_t)` for "srd", the two `crd.Embed` input widths (D_s, D_t) for "crd"; `[]` for
+    the others.
     """
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -371,7 +372,9 @@ def check_feature_shapes(student_feats_shapes: Mapping, teacher_feats_shapes: Ma
     problems, aux = [], []
     if not pairs:
         problems.append("no stage pairs are configured")
-    want = 2 if method == "srd" else 4
+    if method == "crd" and len(pairs or ()) > 1:
+        problems.append(f"crd takes one feature pair (it keeps one memory bank per side), got {len(pairs)}")
+    want = 2 if method in ("srd", "crd") else 4
     kind = "f32[B, D] (e.g. 'pre_logits')" if want == 2 else "f32[B, C, H, W] (e.g. 'stage2')"
 
     def get(side, table, name):
@@ -400,7 +403,7 @@ def check_feature_shapes(student_feats_shapes: Mapping, teacher_feats_shapes: Ma
             continue
         if s[0] != t[0]:
             problems.append(f"{method}: batch sizes differ, student {a!r} {s} vs teacher {b!r} {t}")
-        if method in ("fitnets", "srd"):
+        if method in ("fitnets", "srd", "crd"):
             aux.append((s[1], t[1]))
     if problems:
         raise ValueError(f"{method} distillation cannot run with pairs {list(pairs or ())}: " + "; ".join(problems))

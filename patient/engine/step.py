@@ -43,6 +43,7 @@ class TrainState(eqx.Module):
     model_state: dict  # BatchNorm running statistics
     opt_state: object
     key: jax.Array  # raw uint32 key data (checkpoint-friendly)
+    memory: dict | None = None  # CRD's memory banks and normalising constants (patient.engine.crd); None otherwise
 
 
 def kernel_mask(params: Any) -> Any:
@@ -111,7 +112,7 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
     T = cfg.temperature
     replicated = NamedSharding(mesh, P())
 
-    def loss_fn(params, model_state, batch, targets, t_probs, t_feats, warm):
+    def loss_fn(params, model_state, batch, targets, t_probs, t_feats, warm, memory):
         student_params, aux = params
         images = batch["student"]
         if cfg.compute_dtype == "bfloat16":  # mixed precision: float32 master weights, bfloat16 forward and backward
@@ -121,7 +122,7 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         model = eqx.combine(student_params, student_static)
         logits, feats, new_state = apply(model, model_state, images, train=True)
         logits = logits.astype(jnp.float32)  # every loss is computed in float32
-        metrics = {}
+        metrics, crd_out = {}, None
         labelled = batch["label"] >= 0
         if supervised:
             loss = soft_cross_entropy(logits, targets).mean()
@@ -148,6 +149,16 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
                 loss = deit_loss(feats["head_cls"], feats["head_dist"], targets, t_probs, kind=cfg.deit_kind,
                                  alpha=cfg.deit_alpha, temperature=T)
                 metrics["deit"] = loss
+            elif cfg.method == "crd":  # Tian et al.: NCE against the memory banks (patient.engine.crd)
+                from .crd import crd_loss
+
+                a, b = _pair_names(cfg)[0]
+                e_s, e_t = aux[0](feats[a]), aux[1](lax.stop_gradient(t_feats[b]))
+                crd, z = crd_loss(e_s, e_t, memory, batch["contrast"], temperature=cfg.crd_temperature,
+                                  mean=lambda x: _pmean(x, axes))
+                loss = loss + cfg.method_weight * crd
+                metrics["crd"] = crd
+                crd_out = (lax.stop_gradient(e_s), lax.stop_gradient(e_t), z)
             elif cfg.method != "kl":
                 feat = feature_loss(cfg, aux, feats, t_feats)
                 loss = loss + cfg.method_weight * feat
@@ -157,13 +168,13 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
                 loss = loss + cfg.label_weight * ce
                 metrics["ce"] = ce
         metrics["loss"] = loss
-        return loss, (new_state, metrics)
+        return loss, (new_state, metrics, crd_out)
 
     # A Keras student (`batched`) normalises with Keras's own BatchNorm, which cannot reduce over a mesh axis: its part
     # of the step stays a plain sharded jit over the global batch (XLA partitions it), so its statistics stay global.
     axes = () if getattr(type(student_static), "batched", False) else (DATA_AXIS,)
 
-    def per_device(params, model_state, batch, targets, teachers, warm):
+    def per_device(params, model_state, batch, targets, teachers, warm, memory):
         """One device's share of the step: its slice of the batch in, gradients and metrics averaged over the mesh's
         data axis out (so every device leaves with the same values, those of the whole global batch)."""
         token = MESH_BATCH_AXES.set(axes)  # BatchNorm statistics over the global batch (read while tracing)
@@ -175,19 +186,26 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
                 t_logits, t_feats = teacher_logits(teachers, batch["teacher"], resolutions, with_features=True)
                 t_probs = teacher_probs(t_logits, T)
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, (new_state, metrics)), grads = grad_fn(params, model_state, batch, targets, t_probs, t_feats, warm)
+            (_, (new_state, metrics, crd_out)), grads = grad_fn(params, model_state, batch, targets, t_probs, t_feats,
+                                                                 warm, memory)
         finally:
             MESH_BATCH_AXES.reset(token)
         # Where a non-finite loss comes from (images are rendered from uint8, so they are always finite): a broken
         # teacher is reported as such, not as a learning rate to lower.
         if t_probs is not None:
             metrics["finite_teacher"] = jnp.all(jnp.isfinite(t_probs)).astype(jnp.float32)
-        for axis in axes:  # equal shards: the mean of the shards' means is the global mean
-            grads, metrics = lax.pmean((grads, metrics), axis)
-        return grads, new_state, metrics
+        grads, metrics = _pmean((grads, metrics), axes)  # equal shards: the mean of the shards' means is global
+        if crd_out is not None:  # every device moves its copy of the banks with the whole global batch's embeddings
+            from .crd import update_memory
+
+            e_s, e_t, z = crd_out
+            e_s, e_t, index = (_gather(x, axes) for x in (e_s, e_t, batch["index"]))
+            memory = update_memory(memory, e_s, e_t, index, z, momentum=cfg.crd_momentum)
+        return grads, new_state, metrics, memory
 
     sharded = per_device if not axes else jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()), out_specs=(P(), P(), P()),
+        per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P(), P()),
+        out_specs=(P(), P(), P(), P()),
         check_vma=False)
 
     def step(ts: TrainState, batch, teachers):
@@ -208,16 +226,35 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         # DKD's loss weight warms up linearly over dkd_warmup_fraction of the run (the paper: 20 of 240 epochs).
         warm_steps = cfg.dkd_warmup_fraction * (total_steps or cfg.steps or 1)
         warm = jnp.minimum(1.0, (ts.step + 1) / warm_steps) if warm_steps > 0 else jnp.float32(1.0)
-        grads, new_state, metrics = sharded(ts.params, ts.model_state, batch, onehot, teachers, warm)
+        if cfg.method == "crd":  # the positive (the example's own row) and the negatives, drawn for the global batch
+            from .crd import contrast_indices
+
+            batch["contrast"] = contrast_indices(jax.random.fold_in(mkey, 0xC4D), batch["index"],
+                                                 ts.memory["student"].shape[0], cfg.crd_negatives)
+        grads, new_state, metrics, memory = sharded(ts.params, ts.model_state, batch, onehot, teachers, warm,
+                                                    ts.memory)
         if "finite_teacher" in metrics:  # 1.0 only if every device's teacher output was finite
             metrics["finite_teacher"] = metrics["finite_teacher"] == 1.0
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
-        new = TrainState(ts.step + 1, params, new_state, opt_state, jax.random.key_data(key))
+        new = TrainState(ts.step + 1, params, new_state, opt_state, jax.random.key_data(key), memory)
         return new, metrics
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def _pmean(x: Any, axes: Sequence[str]) -> Any:
+    for axis in axes:  # one axis at a time (jax rejects a tuple of axes here)
+        x = lax.pmean(x, axis)
+    return x
+
+
+def _gather(x: jax.Array, axes: Sequence[str]) -> jax.Array:
+    """The global batch's rows of a per-device array, in mesh order (that of the global batch)."""
+    for axis in axes:
+        x = lax.all_gather(x, axis, tiled=True)
+    return x
 
 
 def parse_pairs(pairs: Sequence[str]) -> list[str | tuple[str, str]]:
@@ -225,13 +262,21 @@ def parse_pairs(pairs: Sequence[str]) -> list[str | tuple[str, str]]:
     return [tuple(p.split(":", 1)) if ":" in p else p for p in pairs]
 
 
+def method_pairs(cfg: Config) -> list[str | tuple[str, str]]:
+    """The configured feature pairs; CRD defaults to the networks' `pre_logits`."""
+    return parse_pairs(cfg.method_pairs or (("pre_logits",) if cfg.method == "crd" else ()))
+
+
+def _pair_names(cfg: Config) -> list[tuple[str, str]]:
+    return [(p, p) if isinstance(p, str) else p for p in method_pairs(cfg)]
+
+
 def feature_loss(cfg: Config, aux: Sequence[eqx.Module], s_feats: Mapping[str, jax.Array],
                  t_feats: Mapping[str, jax.Array]) -> jax.Array | float:
     """The configured feature method, summed over its pairs (aux holds FitNets regressors / the SRD projector)."""
     from . import feature_losses as fl
 
-    pairs = parse_pairs(cfg.method_pairs)
-    names = [(p, p) if isinstance(p, str) else p for p in pairs]
+    names = _pair_names(cfg)
     if cfg.method == "fsp":
         return fl.fsp_loss([(s_feats[a], s_feats[b]) for a, b in names], [(t_feats[a], t_feats[b]) for a, b in names])
     total = 0.0
@@ -264,8 +309,9 @@ def make_eval_fn(student_static: eqx.Module, *, resolutions: Sequence[int] = (),
 
 
 def init_state(params: Any, model_state: dict[str, Any], optimizer: optax.GradientTransformation, seed: int,
-               aux: Sequence[eqx.Module] = ()) -> TrainState:
-    """Step 0. `params` are the student's arrays; `aux` the auxiliary modules (regressors, projectors) trained with it."""
+               aux: Sequence[eqx.Module] = (), memory: dict | None = None) -> TrainState:
+    """Step 0. `params` are the student's arrays; `aux` the auxiliary modules (regressors, projectors, embeddings)
+    trained with it; `memory` CRD's banks (`patient.engine.crd.init_memory`)."""
     params = (params, list(aux))
     return TrainState(jnp.asarray(0, jnp.int32), params, model_state, optimizer.init(params),
-                      jax.random.key_data(jax.random.key(seed)))
+                      jax.random.key_data(jax.random.key(seed)), memory)

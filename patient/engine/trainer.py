@@ -226,7 +226,12 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     teachers = jax.device_put(teachers, replicated)  # on the mesh once, not transferred again at every step
     # The step donates its state; copy so the caller's model arrays are never the buffers that get donated.
     aux = _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key)
-    ts = init_state(params, s_state, optimizer, cfg.seed, aux)
+    memory = None
+    if cfg.method == "crd":  # one bank row per training example (the pipeline's example index picks it)
+        from .crd import init_memory
+
+        memory = init_memory(len(source), cfg.crd_feat_dim, cfg.seed)
+    ts = init_state(params, s_state, optimizer, cfg.seed, aux, memory)
     ts = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), ts)
     ts = jax.device_put(ts, replicated)
 
@@ -256,6 +261,8 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
                 batch["teacher_probs"] = cache[np.asarray(raw["index"])]
             elif not supervised:
                 batch["teacher"] = raw["teacher"]
+            if cfg.method == "crd":
+                batch["index"] = raw["index"].astype(np.int32)
             return put_batch(mesh, batch)
 
         feed = _Prefetch(it, prepare, steps=total - start, depth=2)
@@ -327,7 +334,7 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
                               f"{spec_of(s_model).name} has none")
     if cfg.method == "kl" or cfg.method in fl.LOGIT_METHODS:
         return []
-    from .step import parse_pairs
+    from .step import method_pairs
 
     if use_cache:
         raise ConfigError(f"method={cfg.method!r} needs the teacher's features at every step, but mode={cfg.mode!r} "
@@ -337,7 +344,11 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
 
     t_model, t_state = teachers[0]
     sizes = fl.check_feature_shapes(shapes(s_model, s_state, s_res), shapes(t_model, t_state, t_res),
-                                    parse_pairs(cfg.method_pairs), cfg.method)
+                                    method_pairs(cfg), cfg.method)
+    if cfg.method == "crd":  # one embedding head per side, both trained
+        from .crd import Embed
+
+        return [Embed(d, cfg.crd_feat_dim, key=jax.random.fold_in(key, 100 + n)) for n, d in enumerate(sizes[0])]
     cls = fl.HintRegressor if cfg.method == "fitnets" else fl.Projector
     return [cls(i, o, key=jax.random.fold_in(key, 100 + n)) for n, (i, o) in enumerate(sizes)]
 
