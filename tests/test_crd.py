@@ -129,3 +129,16 @@ def test_crd_errors_at_start_up():
         distill(t, s, digits("test"), steps=1, method="crd", mode="fix/rs", progress=False)
     with pytest.raises(ConfigError, match="crd_momentum=1.0"):
         distill(t, s, digits("test"), steps=1, method="crd", crd_momentum=1.0, progress=False)
+
+
+def test_every_method_is_one_table_entry():
+    """The step's table (patient.engine.methods), the shape checker's list and the config's check agree."""
+    from patient.engine import Config, ConfigError
+    from patient.engine import feature_losses as fl
+    from patient.engine.methods import METHODS
+
+    assert set(METHODS) == set(fl.METHODS) | {"kl"}
+    for name in METHODS:
+        Config(method=name)
+    with pytest.raises(ConfigError, match="method='mine'; use one of kl, kd, dkd, deit, fitnets, at, nst, fsp, srd, crd"):
+        Config(method="mine")

@@ -336,8 +336,10 @@ def test_check_feature_shapes_misc():
     s = {"stage1": (2, 4, 4, 4), "pre_logits": (2, 4)}
     t = {"stage1": (3, 8, 2, 2), "pre_logits": (3, 8)}
     assert check_feature_shapes(s, t, [], "kd") == []
-    with pytest.raises(ValueError, match="unknown distillation method 'crd'"):
-        check_feature_shapes(s, t, ["stage1"], "crd")
+    with pytest.raises(ValueError, match="unknown distillation method 'mine'"):
+        check_feature_shapes(s, t, ["stage1"], "mine")
+    with pytest.raises(ValueError, match="crd takes one feature pair .* got 2"):
+        check_feature_shapes(s, {**t, "pre_logits": (2, 8)}, ["pre_logits", "pre_logits"], "crd")
     with pytest.raises(ValueError, match="no stage pairs are configured"):
         check_feature_shapes(s, t, [], "at")
     with pytest.raises(ValueError, match=r"batch sizes differ, student 'stage1' \(2, 4, 4, 4\) vs teacher"):

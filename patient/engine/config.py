@@ -144,8 +144,9 @@ def _check(c: Config) -> None:
     bad = [k for k in FIELDS if isinstance(getattr(c, k), float) and not math.isfinite(getattr(c, k))]
     need(not bad, f"{', '.join(f'{k}={getattr(c, k)}' for k in bad)}: config values must be finite numbers")
     need(c.mode in MODES or c.mode == "supervised", f"mode={c.mode!r} is not a teacher mode; use one of {', '.join(MODES)}")
-    need(c.method in ("kl", "kd", "dkd", "deit", "fitnets", "at", "nst", "fsp", "srd", "crd"),
-         f"method={c.method!r}; use kl, kd, dkd, deit, fitnets, at, nst, fsp, srd or crd")
+    from .methods import METHODS
+
+    need(c.method in METHODS, f"method={c.method!r}; use one of {', '.join(METHODS)}")
     need(c.crd_feat_dim > 0 and c.crd_negatives > 0 and c.crd_temperature > 0 and 0 <= c.crd_momentum < 1,
          f"crd_feat_dim={c.crd_feat_dim}, crd_negatives={c.crd_negatives}, crd_temperature={c.crd_temperature}, "
          f"crd_momentum={c.crd_momentum}: use sizes > 0, a temperature > 0 and a momentum in [0, 1)")

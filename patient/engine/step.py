@@ -11,7 +11,7 @@ hosts after `patient.join_hosts(...)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
@@ -29,6 +29,7 @@ from patient.models.registry import apply
 
 from .config import Config
 from .losses import kl_divergence, soft_cross_entropy, teacher_probs
+from .methods import METHODS, Term
 from .teachers import teacher_logits
 
 if TYPE_CHECKING:
@@ -123,48 +124,19 @@ def make_step(cfg: Config, student_static: eqx.Module, optimizer: optax.Gradient
         logits, feats, new_state = apply(model, model_state, images, train=True)
         logits = logits.astype(jnp.float32)  # every loss is computed in float32
         metrics, crd_out = {}, None
-        labelled = batch["label"] >= 0
         if supervised:
             loss = soft_cross_entropy(logits, targets).mean()
             metrics["ce"] = loss
         else:
             kl = kl_divergence(t_probs, logits, T).mean()
-            loss = kl
             metrics["kl"] = kl
             metrics["agreement"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t_probs, -1))
-            if cfg.method == "kd":  # Hinton et al.: alpha * CE(labels) + (1 - alpha) * T^2 KL
-                ce = (soft_cross_entropy(logits, targets) * labelled).mean()
-                loss = cfg.kd_alpha * ce + (1 - cfg.kd_alpha) * kl
-                metrics["ce"] = ce
-            elif cfg.method == "dkd":  # Zhao et al.: target = label, or the teacher's top class when unlabelled
-                from .feature_losses import dkd_loss
-
-                target = jnp.where(labelled, batch["label"], jnp.argmax(t_probs, -1))
-                dkd = dkd_loss(logits, t_probs, target, alpha=cfg.dkd_alpha, beta=cfg.dkd_beta, temperature=T)
-                loss = loss + cfg.method_weight * warm * dkd
-                metrics["dkd"] = dkd
-            elif cfg.method == "deit":  # Touvron et al.: labels on the class head, the teacher on the distillation head
-                from .feature_losses import deit_loss
-
-                loss = deit_loss(feats["head_cls"], feats["head_dist"], targets, t_probs, kind=cfg.deit_kind,
-                                 alpha=cfg.deit_alpha, temperature=T)
-                metrics["deit"] = loss
-            elif cfg.method == "crd":  # Tian et al.: NCE against the memory banks (patient.engine.crd)
-                from .crd import crd_loss
-
-                a, b = _pair_names(cfg)[0]
-                e_s, e_t = aux[0](feats[a]), aux[1](lax.stop_gradient(t_feats[b]))
-                crd, z = crd_loss(e_s, e_t, memory, batch["contrast"], temperature=cfg.crd_temperature,
-                                  mean=lambda x: _pmean(x, axes))
-                loss = loss + cfg.method_weight * crd
-                metrics["crd"] = crd
-                crd_out = (lax.stop_gradient(e_s), lax.stop_gradient(e_t), z)
-            elif cfg.method != "kl":
-                feat = feature_loss(cfg, aux, feats, t_feats)
-                loss = loss + cfg.method_weight * feat
-                metrics[cfg.method] = feat
+            term = Term(cfg, logits, feats, t_probs, t_feats, targets, batch["label"], kl, aux, batch, memory, warm,
+                        lambda x: _pmean(x, axes))
+            loss, extra, crd_out = METHODS[cfg.method](term)
+            metrics.update(extra)
             if cfg.label_weight > 0:
-                ce = (soft_cross_entropy(logits, targets) * labelled).mean()
+                ce = (soft_cross_entropy(logits, targets) * (batch["label"] >= 0)).mean()
                 loss = loss + cfg.label_weight * ce
                 metrics["ce"] = ce
         metrics["loss"] = loss
@@ -255,41 +227,6 @@ def _gather(x: jax.Array, axes: Sequence[str]) -> jax.Array:
     for axis in axes:
         x = lax.all_gather(x, axis, tiled=True)
     return x
-
-
-def parse_pairs(pairs: Sequence[str]) -> list[str | tuple[str, str]]:
-    """Config strings -> feature pairs: "stage3" (same name on both sides) or "stage3:stage4" (student:teacher)."""
-    return [tuple(p.split(":", 1)) if ":" in p else p for p in pairs]
-
-
-def method_pairs(cfg: Config) -> list[str | tuple[str, str]]:
-    """The configured feature pairs; CRD defaults to the networks' `pre_logits`."""
-    return parse_pairs(cfg.method_pairs or (("pre_logits",) if cfg.method == "crd" else ()))
-
-
-def _pair_names(cfg: Config) -> list[tuple[str, str]]:
-    return [(p, p) if isinstance(p, str) else p for p in method_pairs(cfg)]
-
-
-def feature_loss(cfg: Config, aux: Sequence[eqx.Module], s_feats: Mapping[str, jax.Array],
-                 t_feats: Mapping[str, jax.Array]) -> jax.Array | float:
-    """The configured feature method, summed over its pairs (aux holds FitNets regressors / the SRD projector)."""
-    from . import feature_losses as fl
-
-    names = _pair_names(cfg)
-    if cfg.method == "fsp":
-        return fl.fsp_loss([(s_feats[a], s_feats[b]) for a, b in names], [(t_feats[a], t_feats[b]) for a, b in names])
-    total = 0.0
-    for i, (a, b) in enumerate(names):
-        if cfg.method == "fitnets":
-            total = total + fl.fitnets_loss(aux[i], s_feats[a], t_feats[b])
-        elif cfg.method == "at":
-            total = total + fl.at_loss(s_feats[a], t_feats[b])
-        elif cfg.method == "nst":
-            total = total + fl.nst_loss(s_feats[a], t_feats[b])
-        elif cfg.method == "srd":
-            total = total + fl.srd_loss(aux[i], s_feats[a], t_feats[b])
-    return total
 
 
 def make_eval_fn(student_static: eqx.Module, *, resolutions: Sequence[int] = (),

@@ -334,7 +334,7 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
                               f"{spec_of(s_model).name} has none")
     if cfg.method == "kl" or cfg.method in fl.LOGIT_METHODS:
         return []
-    from .step import method_pairs
+    from .methods import pair_names
 
     if use_cache:
         raise ConfigError(f"method={cfg.method!r} needs the teacher's features at every step, but mode={cfg.mode!r} "
@@ -344,7 +344,7 @@ def _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key) 
 
     t_model, t_state = teachers[0]
     sizes = fl.check_feature_shapes(shapes(s_model, s_state, s_res), shapes(t_model, t_state, t_res),
-                                    method_pairs(cfg), cfg.method)
+                                    pair_names(cfg), cfg.method)
     if cfg.method == "crd":  # one embedding head per side, both trained
         from .crd import Embed
 

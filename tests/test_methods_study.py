@@ -1,0 +1,41 @@
+"""benchmarks/methods.py at toy sizes: the table and JSON it promises, the convergence row, and a rerun that trains
+nothing (every run is read back from its result.json)."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+def test_methods_quick_table_json_and_rerun(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import methods
+    finally:
+        sys.path.remove(str(BENCH))
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--quick", "--steps", "2", "--seeds", "0,1", "--rows", "none,dkd,crd", "--workdir", str(work),
+            "--out", str(out)]
+    methods.main(argv)
+    doc = json.loads((out / "methods.json").read_text())
+    assert [(r["method"], r["steps"], r["seeds"]) for r in doc["rows"]] == [
+        ("none", 2, 2), ("none 2x", 4, 1), ("dkd", 2, 2), ("crd", 2, 2)]
+    for r in doc["rows"]:
+        per_seed = [float(x) for x in r["per_seed"].split(" / ")]
+        assert r["top1"] == pytest.approx(sum(per_seed) / len(per_seed), abs=0.01)
+        assert r["spread"] == pytest.approx((max(per_seed) - min(per_seed)) / 2, abs=0.01)
+    assert len(doc["runs"]) == 2 * 3 + 1
+    text = (out / "methods.txt").read_text()
+    assert text.startswith("command: ") and "KL + 0.8 * CRD(pre_logits)" in text
+
+    capsys.readouterr()
+    methods.main(argv)  # a rerun: nothing trains, the figures are the same
+    again = json.loads((out / "methods.json").read_text())
+    assert again["rows"] == doc["rows"] and again["runs"] == doc["runs"]  # the same seconds: read back, not rerun
+    with pytest.raises(SystemExit):
+        methods.main(["--quick", "--rows", "none,bogus", "--workdir", str(work), "--out", str(out)])
+    assert "unknown rows ['bogus']" in capsys.readouterr().err
