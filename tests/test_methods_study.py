@@ -2,21 +2,14 @@
 nothing (every run is read back from its result.json)."""
 
 import json
-import pathlib
-import sys
 
 import pytest
-
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+from studies import study
 
 
 @pytest.mark.slow
 def test_methods_quick_table_json_and_rerun(tmp_path, capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import methods
-    finally:
-        sys.path.remove(str(BENCH))
+    methods = study("methods")
     work, out = tmp_path / "work", tmp_path / "out"
     argv = ["--quick", "--steps", "2", "--seeds", "0,1", "--rows", "none,dkd,crd", "--workdir", str(work),
             "--out", str(out)]

@@ -2,22 +2,15 @@
 patience.json on a machine whose workdir is empty."""
 
 import json
-import pathlib
 import shutil
-import sys
 
 import pytest
-
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+from studies import study
 
 
 @pytest.mark.slow
 def test_patience_quick_json_resume_and_adopt(tmp_path, capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import patience
-    finally:
-        sys.path.remove(str(BENCH))
+    patience = study("patience")
     work, out = tmp_path / "work", tmp_path / "out"
     argv = ["--quick", "--budgets", "2,3", "--seeds", "1", "--lrs", "1e-2", "--workdir", str(work), "--out", str(out)]
     patience.main(argv)

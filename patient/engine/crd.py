@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patient.models.layers import host_rng
+from .feature_losses import torch_linear_init
 
 Array = jax.Array
 NCE_EPS = 1e-7  # the authors' constant in both NCE log-ratios
@@ -43,10 +43,7 @@ class Embed(eqx.Module):
     bias: Array  # (feat_dim,)
 
     def __init__(self, in_features: int, feat_dim: int, *, key: Array | None):
-        rng = host_rng(key)
-        bound = 1.0 / math.sqrt(in_features)
-        self.weight = jnp.asarray(rng.uniform(-bound, bound, (feat_dim, in_features)).astype(np.float32))
-        self.bias = jnp.asarray(rng.uniform(-bound, bound, (feat_dim,)).astype(np.float32))
+        self.weight, self.bias = torch_linear_init(in_features, feat_dim, key)
 
     def __call__(self, x: Array) -> Array:
         z = jnp.einsum("fd,bd->bf", self.weight, jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)) + self.bias

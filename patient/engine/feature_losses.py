@@ -154,6 +154,15 @@ def deit_loss(cls_logits: Array, dist_logits: Array, targets: Array, teacher_pro
 # ------------------------------------------------------------------------------------------------------- FitNets
 
 
+def torch_linear_init(in_features: int, out_features: int, key: Array | None) -> tuple[Array, Array]:
+    """PyTorch's `Linear` / 1x1 `Conv2d` initialisation: weight f32[out, in], then bias f32[out], both uniform in
+    +-1/sqrt(in), drawn in that order from `host_rng(key)`."""
+    rng = host_rng(key)
+    bound = 1.0 / math.sqrt(in_features)
+    weight = rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32)
+    return jnp.asarray(weight), jnp.asarray(rng.uniform(-bound, bound, (out_features,)).astype(np.float32))
+
+
 class HintRegressor(eqx.Module):
     """FitNets' regressor: a learned 1x1 convolution (with bias) from the student's channels to the teacher's.
 
@@ -165,10 +174,7 @@ class HintRegressor(eqx.Module):
     bias: Array  # (C_t,)
 
     def __init__(self, in_channels: int, out_channels: int, *, key: Array | None):
-        rng = host_rng(key)
-        bound = 1.0 / math.sqrt(in_channels)
-        self.weight = jnp.asarray(rng.uniform(-bound, bound, (out_channels, in_channels)).astype(np.float32))
-        self.bias = jnp.asarray(rng.uniform(-bound, bound, (out_channels,)).astype(np.float32))
+        self.weight, self.bias = torch_linear_init(in_channels, out_channels, key)
 
     def __call__(self, f: Array) -> Array:
         return jnp.einsum("oc,bchw->bohw", self.weight, _f32(f)) + self.bias[None, :, None, None]
@@ -305,9 +311,7 @@ class Projector(eqx.Module):
     weight: Array  # (D_t, D_s)
 
     def __init__(self, in_features: int, out_features: int, *, key: Array | None):
-        bound = 1.0 / math.sqrt(in_features)
-        w = host_rng(key).uniform(-bound, bound, (out_features, in_features)).astype(np.float32)
-        self.weight = jnp.asarray(w)
+        self.weight = torch_linear_init(in_features, out_features, key)[0]
 
     def __call__(self, x: Array) -> Array:
         return jnp.einsum("od,bd->bo", self.weight, _f32(x))
