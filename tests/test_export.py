@@ -202,6 +202,30 @@ def test_onnx_metadata(exported):
         {k: r.meta[k] for k in ("eqx_payload_sha256", "resolution", "class_names")}
 
 
+def test_hard_swish_forms_agree():
+    """The int8 TFLite form of hard-swish (relu6(x + 3) * x / 6) computes what jax.nn.hard_swish does."""
+    model, state = perturbed_model("mobilenetv3_small_050")
+    x = digits_images(FAMILIES["mobilenetv3_small_050"][1])
+    net = fold(model, state)
+    fused = np.asarray(jax.jit(lambda v: net.forward(v, "NHWC"))(x))
+    relu6 = np.asarray(jax.jit(lambda v: net.forward(v, "NHWC", hard_swish="relu6"))(x))
+    np.testing.assert_allclose(relu6, fused, rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="hard_swish must be 'fused' or 'relu6'"):
+        net.forward(x, hard_swish="exact")
+
+
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
+def test_tflite_int8_hard_swish_stays_in_xnnpack(exported, tmp_path):
+    """XNNPACK runs HARD_SWISH in float only: an int8 one leaves the delegate and splits the graph (MobileNetV3 int8
+    was 3x slower than fp32). The int8 export writes it as ADD + RELU6 + MUL; fp32 keeps the one fused operator."""
+    e = exported["mobilenetv3_small_050"]
+    assert e["tflite_report"]["ops"].get("HARD_SWISH", 0) > 0  # the control: fp32 has them
+    rep = to_tflite(e["eqx"], tmp_path / "m.int8.tflite", quantize="int8", calibration="digits", calibration_size=16,
+                    verify_size=16, min_agreement=0.5, keep_int8=True)
+    assert "HARD_SWISH" not in rep["ops"] and rep["ops"].get("RELU6", 0) > 0
+    assert rep["ops"].get("QUANTIZE") == 1 and rep["ops"].get("DEQUANTIZE") == 1  # int8 from input to output
+
+
 @pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_tflite_is_nhwc_inside(exported):
     ops = exported["resnet18"]["tflite_report"]["ops"]

@@ -42,7 +42,10 @@ def convert(net: FoldedNet, *, batch: int | None, resolution: int, quantize: str
     from jax.experimental import jax2tf
 
     poly = None if batch is not None else ["(b, _, _, _)"]
-    fn = jax2tf.convert(lambda x: net.forward(x, "NHWC"), with_gradient=False, polymorphic_shapes=poly)
+    # int8: hard-swish as ADD + RELU6 + MUL, which XNNPACK runs in int8 (its int8 HARD_SWISH falls out of the delegate)
+    hard_swish = "relu6" if quantize == "int8" else "fused"
+    fn = jax2tf.convert(lambda x: net.forward(x, "NHWC", hard_swish=hard_swish), with_gradient=False,
+                        polymorphic_shapes=poly)
     sig = [tf.TensorSpec((batch, net.in_chans, resolution, resolution), tf.float32, name="images")]
     tf_fn = tf.function(fn, autograph=False, input_signature=sig)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)

@@ -24,6 +24,7 @@ GroupNorm (BiT) depends on the data and stays an explicit normalisation.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,17 +70,29 @@ class FoldedNet:
     resolution: int
     in_chans: int = 3
 
-    def forward(self, x: jax.Array | np.ndarray, layout: str = "NCHW") -> jax.Array:
-        """Logits `f32[B, K]` of images `f32[B, C, H, W]` in [0, 1] (the input is always NCHW)."""
+    def forward(self, x: jax.Array | np.ndarray, layout: str = "NCHW", *, hard_swish: str = "fused") -> jax.Array:
+        """Logits `f32[B, K]` of images `f32[B, C, H, W]` in [0, 1] (the input is always NCHW).
+
+        `hard_swish` picks how a hard-swish is written, for the converter that traces this: `"fused"`
+        (`jax.nn.hard_swish`, which converters turn into one HARD_SWISH / HardSwish operator) or `"relu6"`
+        (`relu6(x + 3) * x / 6`, which the TFLite converter keeps as ADD + RELU6 + MUL: int8 TFLite needs it, since
+        XNNPACK runs HARD_SWISH in float only and an int8 one splits the graph into as many pieces). Same values.
+        """
         import jax.numpy as jnp
 
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        if hard_swish not in ("fused", "relu6"):
+            raise ValueError(f"hard_swish must be 'fused' or 'relu6', got {hard_swish!r}")
         x = jnp.asarray(x, jnp.float32)
         ops, _ = _at_size(self.ops, tuple(x.shape[1:]))
         if layout == "NHWC":
             x = jnp.transpose(x, (0, 2, 3, 1))
-        return _run(ops, x, layout)
+        token = _HARD_SWISH.set(hard_swish)
+        try:
+            return _run(ops, x, layout)
+        finally:
+            _HARD_SWISH.reset(token)
 
     def at_resolution(self, resolution: int) -> FoldedNet:
         """This network with its resolution-dependent constants (a ViT's position embeddings, resampled to the grid
@@ -232,6 +245,9 @@ def _arrays(ops):
 # ------------------------------------------------------------------------------------------------- forward (JAX)
 
 
+_HARD_SWISH: contextvars.ContextVar[str] = contextvars.ContextVar("hard_swish", default="fused")  # see forward
+
+
 def _run(ops, x, layout):
     for op in ops:
         x = _apply(op, x, layout)
@@ -265,7 +281,10 @@ def _apply(op, x, layout):
     if isinstance(op, Act):
         if op.kind == "gelu":
             return jax.nn.gelu(x, approximate=False)
-        return jax.nn.relu(x) if op.kind == "relu" else jax.nn.hard_swish(x)
+        if op.kind == "relu":
+            return jax.nn.relu(x)
+        # The operand order matters: x * relu6(x + 3) / 6 is matched back into HARD_SWISH by the TFLite converter.
+        return jax.nn.relu6(x + 3.0) * x / 6.0 if _HARD_SWISH.get() == "relu6" else jax.nn.hard_swish(x)
     if isinstance(op, Sub):
         return x - _per_channel(np.asarray(op.mean, np.float32), layout)
     if isinstance(op, GroupNorm):
