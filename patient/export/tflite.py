@@ -7,7 +7,9 @@ fixed (batch 1 by default); `dynamic_batch=True` exports a symbolic batch that L
 Quantisation: `fp16` stores float16 weights (LiteRT computes in float32 on CPUs without fp16 arithmetic); `int8` is
 full integer quantisation (TFLITE_BUILTINS_INT8 only: every operator int8) calibrated on images from a patient source,
 with float32 input and output so that callers feed the same [0, 1] images. As for ONNX, the int8 model is timed
-against the fp32 one on this CPU and the faster is kept, saying so (MobileNetV3 int8 is slower under XNNPACK).
+against the fp32 one on this CPU and the faster is kept, saying so. For int8 the hard-swish is traced as
+`relu6(x + 3) * x / 6` (ADD + RELU6 + MUL), because XNNPACK runs HARD_SWISH in float only: an int8 one leaves the
+delegate and splits the graph (benchmarks/results/int8_investigation.md).
 
 The metadata (the same keys as the ONNX metadata_props) is one `patient` entry in the flatbuffer's metadata table,
 a JSON object of strings, readable with `ai_edge_litert.schema_py_generated` alone (see `patient.runtime.models`).
@@ -103,8 +105,9 @@ def to_tflite(src: SourceLike, output: str | os.PathLike | None = None, *, batch
     """Export a patient model to TFLite, verified against JAX.
 
     **Arguments:** as `patient.export.to_onnx`, with `quantize` one of `"none"`, `"fp16"`, `"int8"` (full integer,
-    calibrated on `calibration`). As for ONNX, an int8 model slower than the fp32 one on this CPU (MobileNetV3 with
-    XNNPACK: its HardSwish and squeeze-excite products) is replaced by the fp32 model, saying so, unless `keep_int8`.
+    calibrated on `calibration`). As for ONNX, an int8 model slower than the fp32 one on this CPU (the export
+    machine's, which may not be the target's: compare there with `patient-bench`) is replaced by the fp32 model,
+    saying so, unless `keep_int8`.
 
     **Returns:** a report dict. **Raises:** `ExportError` (one-line message); no file is left behind.
     """
