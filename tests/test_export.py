@@ -404,3 +404,13 @@ def test_cli_bad_input(bad_inputs, tmp_path, capsys, case):
     assert rc != 0
     assert len(err) == 1 and err[0].startswith("patient-export: error:") and expect in err[0], err
     assert list(out.parent.iterdir()) == []
+
+
+def test_int8_decision_is_the_export_machines_and_says_so():
+    from patient.export.quantize import decide
+
+    kept, why = decide({"fp32": 2.0, "u8s8": 1.0, "s8s8": 1.5})
+    assert kept == "u8s8" and "2.00x the speed of fp32" in why and "export" in why and "patient-bench" in why
+    kept, why = decide({"fp32": 1.0, "u8s8": 3.0})
+    assert kept == "fp32" and "3.00 ms vs 1.00 ms" in why and "--keep-int8" in why
+    assert decide({"fp32": 1.0, "u8s8": 3.0}, keep_int8=True)[0] == "u8s8"

@@ -55,9 +55,11 @@ def decide(timings: dict[str, float], keep_int8: bool = False) -> tuple[str, str
     int8 variant when it beats fp32 (or `keep_int8`), else `"fp32"`; `decision` says why in one line."""
     best = min((k for k in timings if k != "fp32"), key=timings.__getitem__)
     if timings[best] < timings["fp32"] or keep_int8:
-        return best, f"kept {best}: {timings['fp32'] / timings[best]:.2f}x the speed of fp32 on this CPU"
-    return "fp32", (f"int8 was slower than fp32 on this CPU ({timings[best]:.2f} ms vs {timings['fp32']:.2f} ms for "
-                    f"{best}); kept fp32")
+        return best, (f"kept {best}: {timings['fp32'] / timings[best]:.2f}x the speed of fp32 on this (the export) "
+                      "machine; the target device may differ: compare there with patient-bench")
+    return "fp32", (f"int8 was slower than fp32 on this (the export) machine ({timings[best]:.2f} ms vs "
+                    f"{timings['fp32']:.2f} ms for {best}); kept fp32. The target device may differ: export with "
+                    "--keep-int8 and compare both files there with patient-bench")
 
 
 def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int | None, keep_int8: bool = False,
