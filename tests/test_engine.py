@@ -365,26 +365,20 @@ def test_four_device_mesh_matches_one_device():
 # -------------------------------------------------------------------------------------- kill and resume
 
 RUN_SCRIPT = textwrap.dedent("""
-    import sys, time, jax
+    import sys, jax
     import patient
     from patient.data import digits
     from patient.models import create
 
-    class Slow:  # a source that takes a little time per example, so the parent can kill mid-run
-        def __init__(self, src):
-            self.src, self.num_classes, self.class_names = src, src.num_classes, src.class_names
-        def __len__(self):
-            return len(self.src)
-        def __getitem__(self, i):
-            time.sleep(0.002)
-            return self.src[i]
+    sys.path.insert(0, "tests")
+    from slow_source import SlowSource  # a little time per example, so the parent can kill mid-run
 
     workdir, out = sys.argv[1], sys.argv[2]
     t = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=16, depths=(1, 1, 1))
     s = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=16, depths=(1, 1, 1))
     # FitNets trains an auxiliary regressor beside the student: resume must restore it too.
-    r = patient.distill(t, s, Slow(digits("test")), steps=40, batch_size=32, checkpoint_every=4, keep_checkpoints=2,
-                        workdir=workdir, progress=False, method="fitnets", method_pairs=("stage2",))
+    r = patient.distill(t, s, SlowSource(digits("test"), 0.002), steps=40, batch_size=32, checkpoint_every=4,
+                        keep_checkpoints=2, workdir=workdir, progress=False, method="fitnets", method_pairs=("stage2",))
     patient.save(out, r.student, r.state)
 """)
 

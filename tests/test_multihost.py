@@ -82,18 +82,11 @@ RUN = textwrap.dedent("""
     import patient
     from patient.data import digits
     from patient.models import create
-    import time
 
-    class Slow:  # a source that takes a little time per example (argv[6] == "slow"), so a test can kill mid-run
-        def __init__(self, src):
-            self.src, self.num_classes, self.class_names = src, src.num_classes, src.class_names
-        def __len__(self):
-            return len(self.src)
-        def __getitem__(self, i):
-            time.sleep(0.03)
-            return self.src[i]
+    sys.path.insert(0, "tests")
+    from slow_source import SlowSource  # a little time per example (argv[6] == "slow"), so a test can kill mid-run
 
-    data = Slow(digits("train")) if sys.argv[6:] == ["slow"] else digits("train")
+    data = SlowSource(digits("train"), 0.03) if sys.argv[6:] == ["slow"] else digits("train")
     teacher = create("cifar_resnet20", num_classes=10, key=jax.random.key(0), resolution=12, depths=(1, 1, 1))
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(1), resolution=12, depths=(1, 1, 1))
     r = patient.distill(teacher, student, data, eval_data=digits("test"), mode="fm", steps=20,
