@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py                  # the study (about 75 minutes on 2 quiet cores), resumable
     python benchmarks/methods.py --quick          # toy sizes, about a minute, into /tmp (tests/test_methods_study.py)
+    python benchmarks/methods.py --report         # train nothing: the outputs from the finished runs
 
 Setup (benchmarks/patience.py's): Fashion-MNIST at 28 px; the teacher is the funmatch/patience cifar_resnet20 (91.02%
 test top-1; loaded from its cache or from benchmarks/results/patience_teacher.eqx); the student a ResNet-8
@@ -18,7 +19,8 @@ paper's constants: 128-d embeddings, 16384 negatives, T 0.07, momentum 0.5, weig
 
 Measures: top-1 on all 10000 test images, mean over the seeds and spread ((max - min) / 2); top-1 agreement with the
 teacher on the same images; wall seconds per run (on a machine that may have been shared: not a speed claim). Every
-(row, seed) trains in a workdir of its own under `--workdir`; a rerun skips finished runs and resumes interrupted ones.
+(row, seed) trains in a workdir of its own under `--workdir`; a rerun skips finished runs and resumes interrupted ones,
+and `--report` writes the outputs from the finished runs alone (the table's `seeds` column says how many).
 Writes `--out`/methods.txt (table under the usual header) and methods.json (every run); the last line is one JSON
 object.
 """
@@ -64,8 +66,9 @@ QUICK = dict(FULL, res=12, teacher_steps=30, per_class=4, steps=6, batch=16, see
              workdir="/tmp/patient_bench/methods_quick", out="/tmp/patient_bench/methods_quick")
 
 
-def run_one(a, row, seed, steps, teacher, sources) -> dict:
-    """Train one (row, seed) in its own workdir (resumed if interrupted, skipped if finished); returns its result."""
+def run_one(a, row, seed, steps, teacher, sources) -> dict | None:
+    """Train one (row, seed) in its own workdir (resumed if interrupted, skipped if finished); returns its result.
+    With --report nothing trains: an unfinished run is None."""
     import jax
 
     import patient
@@ -76,6 +79,8 @@ def run_one(a, row, seed, steps, teacher, sources) -> dict:
     done = wd / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if a.report:
+        return None
     student = create("cifar_resnet20", num_classes=10, key=jax.random.key(seed + 1), resolution=a.res,
                      depths=(1, 1, 1))
     kw = dict(dict(mode="same/ic", steps=steps, batch_size=a.batch, learning_rate=a.lr, seed=seed, workdir=wd,
@@ -96,13 +101,13 @@ def run_one(a, row, seed, steps, teacher, sources) -> dict:
     return res
 
 
-def summarise(rows_cfg, runs) -> list[dict]:
+def summarise(rows_cfg, runs, steps_base: int) -> list[dict]:
     out = []
     for name, _method, settings, _extra in rows_cfg:
         for steps in sorted({r["steps"] for r in runs if r["row"] == name}):
             rs = [r for r in runs if r["row"] == name and r["steps"] == steps]
             top, agr = [r["test_top1"] for r in rs], [r["agreement"] for r in rs]
-            out.append(dict(method=name if steps == min(r["steps"] for r in runs) else f"{name} 2x",
+            out.append(dict(method=name if steps == steps_base else f"{name} 2x",
                             settings=settings, steps=steps, seeds=len(rs), top1=round(statistics.mean(top), 2),
                             spread=round((max(top) - min(top)) / 2, 2), per_seed=" / ".join(f"{x:.2f}" for x in top),
                             agreement=round(statistics.mean(agr), 2), s_per_run=round(statistics.mean(
@@ -111,7 +116,9 @@ def summarise(rows_cfg, runs) -> list[dict]:
 
 
 def main(argv=None):
-    p, a = study_args(__doc__, FULL, QUICK, argv, quick_help="toy sizes (the test suite runs this)")
+    p, a = study_args(__doc__, FULL, QUICK, argv, quick_help="toy sizes (the test suite runs this)",
+                      extra=lambda p: p.add_argument("--report", action="store_true",
+                                                     help="train nothing: write the outputs from the finished runs"))
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s]
     except ValueError:
@@ -155,21 +162,28 @@ def main(argv=None):
     for seed in seeds:  # seed-major: a change of machine load falls on every row alike
         for row in rows_cfg:
             r = run_one(a, row, seed, a.steps, teacher, sources)
+            if r is None:
+                continue
             runs.append(r)
             print(f"  {r['row']:<8} seed {seed}: top-1 {r['test_top1']:.2f}%, agreement {r['agreement']:.2f}%, "
                   f"{r['seconds']:.0f} s", flush=True)
     if "none" in names:  # has the baseline converged? the same run at twice the budget
         runs.append(run_one(a, ROWS[0], seeds[0], 2 * a.steps, teacher, sources))
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        p.error(f"no finished runs under {a.workdir}; run without --report first")
     run_time = time.perf_counter() - t0
-    summary = summarise(rows_cfg, runs)
+    summary = summarise(rows_cfg, runs, a.steps)
     epochs = a.steps * a.batch / len(sources["train"])
     log(f"teacher: cifar_resnet20 at {a.res} px, {t_top1:.2f}% on the {len(sources['test'])} test images")
     log(f"student: cifar_resnet20 depths (1, 1, 1) at {a.res} px; {len(sources['train'])} training images; mode "
         f"same/ic (crop area >= 0.05) unless said; Adam lr {a.lr:g}, batch {a.batch}, {a.steps} steps ({epochs:.0f} "
         f"epochs), warm-up {int(0.05 * a.steps)} + cosine, clip 1.0; seeds {', '.join(map(str, seeds))}")
-    log(f"top-1 and agreement on all {len(sources['test'])} test images; +- = (max - min) / 2 over the seeds")
+    log(f"top-1 and agreement on all {len(sources['test'])} test images; +- = (max - min) / 2 over the seeds; s/run: "
+        "wall seconds of the call that finished the run (a resumed run counts its last part), machine maybe shared")
     log()
-    log(table(summary, [("method", "method"), ("settings", "settings"), ("steps", "steps"), ("top1", "top-1 %"),
+    log(table(summary, [("method", "method"), ("settings", "settings"), ("steps", "steps"), ("seeds", "seeds"),
+                        ("top1", "top-1 %"),
                         ("spread", "+-"), ("per_seed", "per seed"), ("agreement", "agreement %"),
                         ("s_per_run", "s/run")]))
     log()

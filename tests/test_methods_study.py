@@ -29,6 +29,12 @@ def test_methods_quick_table_json_and_rerun(tmp_path, capsys):
     methods.main(argv)  # a rerun: nothing trains, the figures are the same
     again = json.loads((out / "methods.json").read_text())
     assert again["rows"] == doc["rows"] and again["runs"] == doc["runs"]  # the same seconds: read back, not rerun
+    # --report trains nothing: a run whose result is missing is left out, and the seeds column says so
+    (work / "runs" / "crd_2steps_seed1" / "result.json").unlink()
+    methods.main(argv + ["--report"])
+    rep = json.loads((out / "methods.json").read_text())
+    assert [(r["method"], r["seeds"]) for r in rep["rows"]] == [("none", 2), ("none 2x", 1), ("dkd", 2), ("crd", 1)]
+    assert not (work / "runs" / "crd_2steps_seed1" / "result.json").exists()
     with pytest.raises(SystemExit):
         methods.main(["--quick", "--rows", "none,bogus", "--workdir", str(work), "--out", str(out)])
     assert "unknown rows ['bogus']" in capsys.readouterr().err
