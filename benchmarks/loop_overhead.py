@@ -56,7 +56,7 @@ def bare_step(data, steps: int) -> float:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from patient.data.pipeline import pipeline
+    from patient.data.pipelines import pipeline
     from patient.engine.config import Config
     from patient.engine.evaluation import put_batch
     from patient.engine.step import init_state, make_mesh, make_optimizer, make_step

@@ -62,3 +62,16 @@ def test_mixup_errors(getkey):
         mixup(getkey(), jnp.zeros((2, 1)), jnp.zeros((3, 1)))
     with pytest.raises(ValueError, match="at least one"):
         mixup(getkey())
+
+
+def test_package_names_stay_the_functions_after_the_submodules_load():
+    """Regression: the submodules were `mixup.py` / `pipeline.py`; once the trainer imported them, the package's
+    `mixup` and `pipeline` were the modules, and `from patient.data import mixup` gave a module to call."""
+    import importlib
+
+    importlib.import_module("patient.data.mixing")
+    importlib.import_module("patient.data.pipelines")
+    import patient.data as pd
+
+    assert callable(pd.mixup) and pd.mixup.__module__ == "patient.data.mixing"
+    assert callable(pd.pipeline) and pd.pipeline.__module__ == "patient.data.pipelines"

@@ -363,5 +363,5 @@ def test_workers_from_an_unguarded_script_are_refused_before_any_work(tmp_path):
     r = _run_script(tmp_path, "unguarded.py", UNGUARDED_RUN)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("patient.data.pipeline.LoaderError: num_workers=2") and "__main__" in last, r.stderr[-2000:]
+    assert last.startswith("patient.data.pipelines.LoaderError: num_workers=2") and "__main__" in last, r.stderr[-2000:]
 

@@ -64,13 +64,14 @@ __all__ = [
 
 def __getattr__(name):
     # mixup needs JAX and the pipelines need Grain: import on first use so the sources (numpy only) work on a device.
-    # Pinned into globals() because importing the submodules `mixup` / `pipeline` binds those names to the modules.
+    # Pinned into globals(). The submodules are `mixing` and `pipelines`, not `mixup` / `pipeline`: importing a
+    # submodule binds its name in this package, which would shadow the function of the same name.
     import importlib
 
     if name == "mixup":
-        globals()["mixup"] = importlib.import_module("patient.data.mixup").mixup
+        globals()["mixup"] = importlib.import_module("patient.data.mixing").mixup
     elif name in ("LoaderError", "eval_pipeline", "fixed_teacher_views", "pipeline"):
-        module = importlib.import_module("patient.data.pipeline")
+        module = importlib.import_module("patient.data.pipelines")
         globals().update(LoaderError=module.LoaderError, eval_pipeline=module.eval_pipeline,
                          fixed_teacher_views=module.fixed_teacher_views, pipeline=module.pipeline)
     else:

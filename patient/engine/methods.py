@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,7 @@ from jax import lax
 from . import feature_losses as fl
 from .losses import soft_cross_entropy
 
-if TYPE_CHECKING:
-    from .config import Config
+Config = Any  # a patient.engine.config.Config; config.py checks method names against METHODS, so no import back
 
 Array = jax.Array
 

@@ -23,7 +23,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from patient.data.mixup import mixup
+from patient.data.mixing import mixup
 from patient.models.layers import MESH_BATCH_AXES
 from patient.models.registry import apply
 

@@ -235,7 +235,7 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     ts = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), ts)
     ts = jax.device_put(ts, replicated)
 
-    from patient.data.pipeline import pipeline, watch_workers
+    from patient.data.pipelines import pipeline, watch_workers
 
     ds = pipeline(source, mode=info.name, student_res=s_res, teacher_res=t_res, batch_size=per_host, seed=cfg.seed,
                   num_workers=cfg.num_workers, shard=(jax.process_index(), n_proc), channels=cfg.channels,
