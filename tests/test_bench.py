@@ -179,3 +179,26 @@ def test_eval_maps_a_folder_of_some_classes_by_name():
     assert class_map(names, folder, relabel=True) is None
     with pytest.raises(DataError, match=r"classes \[cat\] that the model does not know"):
         class_map(names, types.SimpleNamespace(class_names=["2", "cat"], name="pets"), relabel=False)
+
+
+def test_profile_onnx_by_operator_and_tflite_by_delegate(files, capsys):
+    import onnx
+
+    from patient.cli.bench import main
+    from patient.export.tflite import _op_counts
+
+    assert main([str(files["onnx"]), str(files["tflite"]), "--profile", "--runs", "5"]) == 0
+    out = capsys.readouterr().out
+    o, t = json.loads(out.strip().splitlines()[-1])["results"]
+    assert o["format"] == "onnx" and o["runs"] == 5 and abs(sum(r["share"] for r in o["ops"]) - 1) < 1e-3
+    convs = [n for n in onnx.load(files["onnx"]).graph.node if n.op_type == "Conv"]
+    assert sum(r["count"] for r in o["ops"] if r["op"] in ("Conv", "FusedConv")) == len(convs)  # every conv timed
+    assert o["ops"][0]["op"] in ("Conv", "FusedConv")  # a ResNet's time is in its convolutions
+    counts = _op_counts(files["tflite"].read_bytes())
+    assert t["format"] == "tflite" and {r["op"]: r["count"] for r in t["ops"]} == counts
+    # fp32: XNNPACK takes the whole graph in one partition
+    assert t["in_xnnpack"] == t["operators"] == sum(counts.values()) and t["partitions"] == 1
+    assert all(r["outside"] == 0 for r in t["ops"]) and 0 < t["p50_ms_xnnpack"]
+    assert "in XNNPACK (1 partition), 0 on LiteRT's own kernels" in out and "kernel time by operator" in out
+    assert main([str(files["eqx"]), "--profile"]) == 2
+    assert "--profile reads .onnx and .tflite files" in capsys.readouterr().err

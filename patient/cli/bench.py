@@ -45,6 +45,9 @@ def parser() -> Parser:
     p.add_argument("--warmup", type=int, default=50, help="discarded runs after the first (default 50)")
     p.add_argument("--json", help="also write the JSON result here")
     p.add_argument("--plot", help="write a latency chart (PNG, matplotlib)")
+    p.add_argument("--profile", action="store_true",
+                   help="per-operator profile instead of latencies: time by operator type (.onnx, onnxruntime's "
+                        "profiler) or which operators run outside XNNPACK (.tflite); at most 200 runs per file")
     return p
 
 
@@ -67,6 +70,8 @@ def _bench(args) -> int:
             check_output(path, flag)
 
     formats = [model_format(m) for m in args.models]  # every file checked before any timing starts
+    if args.profile:
+        return _profile(args, formats)
     rows = []
     t0 = time.perf_counter()
     for path, fmt in zip(args.models, formats):
@@ -81,6 +86,25 @@ def _bench(args) -> int:
     emit_json(result, args.json)
     return 0
 
+
+
+def _profile(args, formats) -> int:
+    from patient.bench.latency import library_versions, machine_info
+    from patient.bench.profile import profile, profile_table
+
+    if "eqx" in formats:
+        return fail(PROG, "--profile reads .onnx and .tflite files; export the .eqx first (patient-export)")
+    if args.plot:
+        return fail(PROG, "--plot draws latencies; leave it out with --profile (or run without --profile)")
+    t0 = time.perf_counter()
+    results = []
+    for path in args.models:
+        for threads in args.threads:
+            results.append(profile(path, threads=threads, runs=min(args.runs, 200)))
+            print(profile_table(results[-1]))
+    emit_json({"benchmark": "patient-bench --profile", "machine": machine_info(), "libraries": library_versions(),
+               "run_time_s": round(time.perf_counter() - t0, 1), "results": results}, args.json)
+    return 0
 
 
 if __name__ == "__main__":
