@@ -202,3 +202,21 @@ def test_profile_onnx_by_operator_and_tflite_by_delegate(files, capsys):
     assert "in XNNPACK (1 partition), 0 on LiteRT's own kernels" in out and "kernel time by operator" in out
     assert main([str(files["eqx"]), "--profile"]) == 2
     assert "--profile reads .onnx and .tflite files" in capsys.readouterr().err
+
+
+def test_bench_data_adds_top1_and_names_the_fastest_within_the_budget(files, capsys):
+    from patient.cli.bench import main
+    from patient.cli.eval import evaluate
+
+    paths = [str(files["onnx"]), str(files["tflite"])]
+    assert main(paths + ["--runs", "5", "--warmup", "0", "--data", "digits", "--budget", "0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    src = bdata.open_source("digits")
+    want = {p: round(100 * evaluate(open_model(p), src)["top1"], 2) for p in paths}
+    assert {r["path"]: r["top1"] for r in out["results"]} == want
+    pick = out["fastest_within_budget"]
+    assert pick["top1"] == max(want.values()) == pick["best_top1"]  # budget 0: only the most accurate files qualify
+    assert pick["p50_ms"] == min(r["p50_ms"] for r in out["results"] if r["top1"] == pick["top1"])
+    assert main(paths + ["--data", "imagenet"]) == 2  # refused before any timing
+    assert main(paths + ["--data", "digits", "--budget", "nan"]) == 2
+    assert "--budget nan must be a number" in capsys.readouterr().err

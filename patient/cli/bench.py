@@ -10,6 +10,7 @@ XLA sizes its own thread pool.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -45,6 +46,11 @@ def parser() -> Parser:
     p.add_argument("--warmup", type=int, default=50, help="discarded runs after the first (default 50)")
     p.add_argument("--json", help="also write the JSON result here")
     p.add_argument("--plot", help="write a latency chart (PNG, matplotlib)")
+    p.add_argument("--data", help="also measure top-1 of every file on this labelled data (digits | fashion_mnist | "
+                                  "image_folder:PATH) and name the fastest file within --budget of the best top-1")
+    p.add_argument("--split", default="test", help="split of digits / fashion_mnist for --data (default test)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="accuracy budget for --data, in top-1 points below the best file (default 1.0)")
     p.add_argument("--profile", action="store_true",
                    help="per-operator profile instead of latencies: time by operator type (.onnx, onnxruntime's "
                         "profiler) or which operators run outside XNNPACK (.tflite); at most 200 runs per file")
@@ -53,6 +59,8 @@ def parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not (math.isfinite(args.budget) and 0 <= args.budget <= 100):
+        return fail(PROG, f"--budget {args.budget} must be a number of top-1 points between 0 and 100")
     if args.runs < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         return fail(PROG, "--runs must be >= 1, --warmup >= 0 and --batch >= 1")
     if args.runs > 1_000_000 or args.warmup > 100_000 or (args.batch is not None and args.batch > 65536):
@@ -74,18 +82,51 @@ def _bench(args) -> int:
         return _profile(args, formats)
     rows = []
     t0 = time.perf_counter()
+    source = None
+    if args.data:  # opened before any timing: a bad --data is one line, not an error after minutes of benchmarking
+        from patient.runtime import open_source
+
+        source = open_source(args.data, args.split)
     for path, fmt in zip(args.models, formats):
         for threads in ([None] if fmt == "eqx" else args.threads):
             rows.append(bench(path, threads=threads, batch=args.batch, runs=args.runs, warmup=args.warmup))
     print(table(rows))
+    choice = None
+    if source is not None:
+        choice = _accuracy(args, rows, source)
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
     result = {"benchmark": "patient-bench", "machine": machine_info(), "libraries": library_versions(),
               "run_time_s": round(time.perf_counter() - t0, 1), "results": rows}
+    if choice is not None:
+        result["fastest_within_budget"] = choice
     emit_json(result, args.json)
     return 0
 
+
+
+def _accuracy(args, rows: list[dict], source) -> dict:
+    """Top-1 of every file on `source` (added to its rows), then the fastest row within the budget, printed."""
+    from patient.cli.eval import class_map, evaluate
+    from patient.runtime import open_model
+
+    top1 = {}
+    for path in dict.fromkeys(r["path"] for r in rows):
+        runner = open_model(path, threads=1, batch=None)
+        classes = class_map(runner.class_names, source, relabel=False)
+        top1[path] = 100 * evaluate(runner, source, classes=classes)["top1"]
+    for r in rows:
+        r["top1"] = round(top1[r["path"]], 2)
+    best = max(top1.values())
+    within = [r for r in rows if top1[r["path"]] >= best - args.budget]  # the best file is always within
+    pick = min(within, key=lambda r: r["p50_ms"])
+    for path, t in top1.items():
+        print(f"top-1 on {source.name}: {t:6.2f}%  {path}")
+    print(f"fastest within {args.budget:g} point{'s' if args.budget != 1 else ''} of the best top-1 ({best:.2f}%): "
+          f"{pick['path']} ({pick['threads']} thread(s), p50 {pick['p50_ms']:.3f} ms, top-1 {pick['top1']:.2f}%)")
+    return {"path": pick["path"], "threads": pick["threads"], "p50_ms": pick["p50_ms"], "top1": pick["top1"],
+            "best_top1": round(best, 2), "budget": args.budget, "data": args.data}
 
 
 def _profile(args, formats) -> int:
