@@ -1,5 +1,6 @@
 """Distillation losses beside plain KL: Hinton KD, Decoupled KD, DeiT's distillation-token loss, FitNets, Attention
-Transfer, NST, FSP and the SRD projector loss.
+Transfer, NST, FSP and the SRD projector loss (CRD, which keeps memory banks in the train state, is in `crd.py`; the
+step reaches every method through the table in `methods.py`).
 
 Every loss is a pure function of batched features f32[B, ...] (channels first, as `patient.models.apply` returns
 them) and returns a scalar. Teacher inputs pass through `jax.lax.stop_gradient` inside each loss, so gradients reach
