@@ -103,6 +103,7 @@ def _pair():
     return t, s
 
 
+@pytest.mark.slow  # three short distillations (about 45 s); the CRD unit tests above stay in the fast lane
 def test_crd_resume_from_a_checkpoint_is_bit_identical(tmp_path):
     """Steps 4-6 of a resumed run score against the restored banks: a bank that were not checkpointed (or restored
     wrongly) would change the student. The uninterrupted run's step-6 checkpoint is removed, as a kill would."""
