@@ -179,6 +179,10 @@ def main(argv=None):
     log(f"student: cifar_resnet20 depths (1, 1, 1) at {a.res} px; {len(sources['train'])} training images; mode "
         f"same/ic (crop area >= 0.05) unless said; Adam lr {a.lr:g}, batch {a.batch}, {a.steps} steps ({epochs:.0f} "
         f"epochs), warm-up {int(0.05 * a.steps)} + cosine, clip 1.0; seeds {', '.join(map(str, seeds))}")
+    expected = len(rows_cfg) * len(seeds) + ("none" in names)
+    if len(runs) < expected:  # --report on an unfinished study: say so before any figure
+        log(f"PARTIAL: {len(runs)} of {expected} runs finished (the seeds column says how many per row); rerun "
+            "without --report to finish the others")
     log(f"top-1 and agreement on all {len(sources['test'])} test images; +- = (max - min) / 2 over the seeds; s/run: "
         "wall seconds of the call that finished the run (a resumed run counts its last part), machine maybe shared")
     log()
@@ -188,7 +192,7 @@ def main(argv=None):
                         ("s_per_run", "s/run")]))
     log()
     figures = dict(run_time_s=round(run_time, 1), teacher_top1=round(t_top1, 2), steps=a.steps, seeds=seeds,
-                   rows=summary)
+                   runs_finished=len(runs), runs_planned=expected, rows=summary)
     log(json_line("methods", **figures))
     save_with_header(out / "methods.txt", lines, run_time=run_time, load=load, modules=(jax, optax, np),
                      note=f"; teacher {'loaded from ' + tinfo['path'] if tinfo['cached'] else 'trained in this run'}",

@@ -35,6 +35,8 @@ def test_methods_quick_table_json_and_rerun(tmp_path, capsys):
     rep = json.loads((out / "methods.json").read_text())
     assert [(r["method"], r["seeds"]) for r in rep["rows"]] == [("none", 2), ("none 2x", 1), ("dkd", 2), ("crd", 1)]
     assert not (work / "runs" / "crd_2steps_seed1" / "result.json").exists()
+    assert (rep["runs_finished"], rep["runs_planned"]) == (6, 7)
+    assert "PARTIAL: 6 of 7 runs finished" in (out / "methods.txt").read_text()
     with pytest.raises(SystemExit):
         methods.main(["--quick", "--rows", "none,bogus", "--workdir", str(work), "--out", str(out)])
     assert "unknown rows ['bogus']" in capsys.readouterr().err
