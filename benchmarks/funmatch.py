@@ -109,6 +109,24 @@ def get_teacher(a, log):
     return (r.student, r.state), dict(info, cached=False, path=str(path))
 
 
+def study_teacher(a, committed: pathlib.Path | None, log=print):
+    """The teacher of a study's settings `a` (`res`, `teacher_steps`, `teacher_batch`, `teacher_lr`, `progress`),
+    cached under `a.workdir`. When the cache lacks it and `committed` (a copy kept with the results) exists, that copy
+    is taken, so a study continued on another machine distils the same teacher; otherwise `get_teacher` loads or
+    trains it. **Returns:** (teacher, info, the cache path)."""
+    import argparse
+    import shutil
+
+    targs = argparse.Namespace(res=a.res, teacher_steps=a.teacher_steps, teacher_batch=a.teacher_batch,
+                               teacher_lr=a.teacher_lr, cache=a.workdir, progress=a.progress)
+    cached = teacher_path(targs)
+    if committed is not None and not cached.is_file() and committed.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(committed, cached)
+    teacher, info = get_teacher(targs, log)
+    return teacher, info, cached
+
+
 def run_row(a, row, teacher, sources, budgets):
     """Train one row; returns its figures and its learning curve."""
     import jax

@@ -32,10 +32,8 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -43,6 +41,8 @@ import time  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
 from common import Printer, json_line, save_with_header, study_args, table  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 # (row, method, settings text, distill/train overrides); method None = no distillation (patient.train)
 ROWS = [
@@ -137,20 +137,14 @@ def main(argv=None):
     import jax
     import numpy as np
     import optax
-    from funmatch import get_teacher, teacher_path
+    from funmatch import study_teacher
 
     import patient
     from patient.data import fashion_mnist, subset
 
     lines = log = Printer()
-    teacher_args = argparse.Namespace(res=a.res, teacher_steps=a.teacher_steps, teacher_batch=a.teacher_batch,
-                                      teacher_lr=a.teacher_lr, cache=a.workdir, progress=a.progress)
-    committed = pathlib.Path(__file__).resolve().parent / "results" / "patience_teacher.eqx"
-    cached = teacher_path(teacher_args)
-    if not a.quick and not cached.is_file() and committed.is_file():  # the patience study's teacher travels with it
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(committed, cached)
-    teacher, tinfo = get_teacher(teacher_args, print)
+    # the patience study's teacher, which travels with its results (not for --quick: another recipe)
+    teacher, tinfo, _ = study_teacher(a, None if a.quick else RESULTS / "patience_teacher.eqx")
     sources = dict(train=subset(fashion_mnist("train"), per_class=a.per_class, seed=0), test=fashion_mnist("test"))
     if a.quick:
         sources["test"] = subset(sources["test"], per_class=4, seed=1)

@@ -24,17 +24,17 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shlex  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
 from common import Quiet, machine, study_args, table  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 # (label, registry name, create overrides, student resolution, learning rate)
 STUDENTS = [
@@ -110,19 +110,15 @@ def main(argv=None):
     command = "python " + shlex.join(["benchmarks/pareto.py"] + (sys.argv[1:] if argv is None else list(argv)))
     t_start = time.perf_counter()
 
-    from funmatch import get_teacher, teacher_path
+    from funmatch import study_teacher
 
     from patient.bench.latency import bench
     from patient.cli.eval import evaluate
     from patient.data import fashion_mnist, subset
     from patient.runtime import open_model
 
-    teacher_args = argparse.Namespace(res=a.res, teacher_steps=a.teacher_steps, teacher_batch=a.teacher_batch,
-                                      teacher_lr=a.teacher_lr, cache=a.workdir, progress=a.progress)
-    committed = pathlib.Path(__file__).resolve().parent / "results" / "patience_teacher.eqx"
-    if not a.quick and not teacher_path(teacher_args).is_file() and committed.is_file():
-        shutil.copyfile(committed, teacher_path(teacher_args))
-    teacher, _ = get_teacher(teacher_args, print)
+    # the patience study's teacher, which travels with its results (not for --quick: another recipe)
+    teacher, _, _ = study_teacher(a, None if a.quick else RESULTS / "patience_teacher.eqx")
     train = fashion_mnist("train")
     if a.quick:
         train = subset(train, per_class=4, seed=0)

@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shlex  # noqa: E402
@@ -223,21 +222,14 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     import numpy as np
-    from funmatch import get_teacher, teacher_path
+    from funmatch import study_teacher
 
     import patient
     from patient.data import SubsetSource, fashion_mnist, subset
 
-    teacher_args = argparse.Namespace(res=a.res, teacher_steps=a.teacher_steps, teacher_batch=a.teacher_batch,
-                                      teacher_lr=a.teacher_lr, cache=a.workdir, progress=a.progress)
     # The teacher travels with the results (1 MB), so a sweep continued on another machine distils the same teacher.
-    cached = teacher_path(teacher_args)
     committed = out / "patience_teacher.eqx"
-    if not cached.is_file() and committed.is_file():
-        import shutil
-
-        shutil.copyfile(committed, cached)
-    teacher, tinfo = get_teacher(teacher_args, print)
+    teacher, tinfo, cached = study_teacher(a, committed)
     if not committed.is_file():
         import shutil
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .feature_losses import torch_linear_init
+from .feature_losses import _l2_normalise, torch_linear_init
 
 Array = jax.Array
 NCE_EPS = 1e-7  # the authors' constant in both NCE log-ratios
@@ -47,11 +47,7 @@ class Embed(eqx.Module):
 
     def __call__(self, x: Array) -> Array:
         z = jnp.einsum("fd,bd->bf", self.weight, jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)) + self.bias
-        return _normalise(z)
-
-
-def _normalise(x: Array) -> Array:
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-24))
+        return _l2_normalise(z)
 
 
 def init_memory(n_data: int, feat_dim: int, seed: int) -> dict[str, Array]:
@@ -118,7 +114,7 @@ def update_memory(memory: dict[str, Array], e_s: Array, e_t: Array, index: Array
     safe = jnp.where(index >= 0, index, n_data)  # out of range: dropped by the scatter
 
     def move(bank, v):
-        row = _normalise(momentum * bank[jnp.clip(index, 0, n_data - 1)] + (1.0 - momentum) * v)
+        row = _l2_normalise(momentum * bank[jnp.clip(index, 0, n_data - 1)] + (1.0 - momentum) * v)
         return bank.at[safe].set(jax.lax.stop_gradient(row), mode="drop")
 
     return {"student": move(memory["student"], e_s), "teacher": move(memory["teacher"], e_t), **z}
