@@ -202,6 +202,8 @@ def test_profile_onnx_by_operator_and_tflite_by_delegate(files, capsys):
     assert "in XNNPACK (1 partition), 0 on LiteRT's own kernels" in out and "kernel time by operator" in out
     assert main([str(files["eqx"]), "--profile"]) == 2
     assert "--profile reads .onnx and .tflite files" in capsys.readouterr().err
+    assert main([str(files["onnx"]), "--profile", "--data", "digits"]) == 2
+    assert "--data goes with the latency table; leave it out with --profile" in capsys.readouterr().err
 
 
 def test_bench_data_adds_top1_and_names_the_fastest_within_the_budget(files, capsys):

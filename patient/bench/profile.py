@@ -41,9 +41,9 @@ def profile(path: str | os.PathLike, *, threads: int = 1, runs: int = 200) -> di
     raise ModelError(f"{path}: --profile reads .onnx and .tflite files; export the .eqx first (patient-export)")
 
 
-def _input(shape, rng=np.random.default_rng(0)) -> np.ndarray:
+def _input(shape) -> np.ndarray:
     dims = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]  # symbolic batch -> 1
-    return rng.random(dims, dtype=np.float32)
+    return np.random.default_rng(0).random(dims, dtype=np.float32)
 
 
 def _onnx(path: pathlib.Path, threads: int, runs: int) -> dict[str, Any]:

@@ -135,8 +135,9 @@ def _profile(args, formats) -> int:
 
     if "eqx" in formats:
         return fail(PROG, "--profile reads .onnx and .tflite files; export the .eqx first (patient-export)")
-    if args.plot:
-        return fail(PROG, "--plot draws latencies; leave it out with --profile (or run without --profile)")
+    if args.plot or args.data:
+        flag = "--plot" if args.plot else "--data"
+        return fail(PROG, f"{flag} goes with the latency table; leave it out with --profile (or run without --profile)")
     t0 = time.perf_counter()
     results = []
     for path in args.models:
