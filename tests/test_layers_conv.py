@@ -87,3 +87,49 @@ def test_group_norm_equals_float64_numpy(groups):
     np.testing.assert_allclose(np.asarray(jax.jit(lambda m, x: m(x))(gn, x)), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
     with pytest.raises(ValueError, match="divisible"):
         GroupNorm(10, 4)
+
+
+@pytest.mark.parametrize("stride, size", [(1, 7), (2, 8), (2, 9), (3, 10)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_equals_float64_lax_conv(stride, size, bias, getkey):
+    """A 1x1 `Conv2d` runs as a matrix product (`pointwise_conv2d`); under vmap its output and both gradients equal
+    float64 `lax.conv` with the same kernel, strided ones included (odd sizes: the last row and column are read)."""
+    conv = Conv2d(6, 8, 1, stride=stride, padding=0, bias=bias, key=getkey())
+    if bias:
+        conv = eqx.tree_at(lambda c: c.bias, conv, jax.random.normal(getkey(), (8,)))
+    assert conv.padding == ((0, 0), (0, 0))
+    rng = np.random.default_rng(stride * 100 + size)
+    x = rng.standard_normal((5, 6, size, size)).astype(np.float32)
+    w = np.asarray(conv.weight)
+    b = np.zeros(8) if conv.bias is None else np.asarray(conv.bias, np.float64)
+    cot = rng.standard_normal(_ref_conv(x, w, stride, conv.padding, 1).shape)
+
+    def ref(x, w):
+        return _ref_conv(x, w, stride, conv.padding, 1) + b[:, None, None]
+
+    with jax.enable_x64(True):
+        y_ref = ref(x.astype(np.float64), w.astype(np.float64))
+        gx_ref, gw_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(
+            x.astype(np.float64), w.astype(np.float64))
+
+    def loss(conv, x):
+        y = jax.vmap(conv)(x)
+        return jnp.sum(y * jnp.asarray(cot, jnp.float32)), y
+
+    (_, y), (gc, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(conv, x)
+    for got, want in [(y, y_ref), (gx, gx_ref), (gc.weight, gw_ref)]:
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5 * float(np.abs(want).max()))
+    jaxpr = str(jax.make_jaxpr(jax.vmap(conv))(x))
+    assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr  # the matrix-product path is the one taken
+
+
+def test_pointwise_conv_in_bfloat16_accumulates_in_float32(getkey):
+    conv = Conv2d(64, 4, 1, key=getkey())
+    x = jax.random.normal(getkey(), (2, 64, 3, 3)).astype(jnp.bfloat16)
+    y = jax.vmap(conv)(x)
+    assert y.dtype == jnp.bfloat16
+    with jax.enable_x64(True):
+        want = _ref_conv(np.asarray(x, np.float64), np.asarray(conv.weight.astype(jnp.bfloat16), np.float64), 1,
+                         conv.padding, 1)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=0.01 * float(np.abs(want).max()))

@@ -120,13 +120,30 @@ class Conv2d(eqx.Module):
 
     def __call__(self, x: Array) -> Array:
         w = self.kernel().astype(x.dtype)
-        if self.groups > 1 and self.groups == w.shape[0] and w.shape[1] == 1:
+        if self.groups == 1 and w.shape[2:] == (1, 1) and self.padding == ((0, 0), (0, 0)):
+            y = pointwise_conv2d(x, w, self.stride)
+        elif self.groups > 1 and self.groups == w.shape[0] and w.shape[1] == 1:
             y = depthwise_conv2d(x, w, self.stride, self.padding)
         else:
             y = _lax_conv(x, w, self.stride, self.padding, self.groups)
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)[:, None, None]
         return y
+
+
+def pointwise_conv2d(x: Array, w: Array, stride: int) -> Array:
+    """A 1x1 convolution without padding of one (C, H, W) example with an (O, C, 1, 1) kernel, as a matrix product
+    (the semantics of `lax.conv_general_dilated` with that kernel, any stride: a strided 1x1 conv reads every
+    `stride`-th pixel). Under `vmap` it is one dot over all pixels of the batch, and so are both its gradients.
+
+    XLA's CPU convolution runs 1x1 kernels far below its matrix-product speed; measured on 2 quiet cores (batch 32,
+    128 px), the dot makes a ResNet-50 forward 1062 -> 690 ms, BiT-R50x1's 1110 -> 888 ms and MobileNetV3-Small's
+    forward + backward 267 -> 188 ms. On GPU and TPU a 1x1 conv is a matrix product anyway. Export folds models into
+    plain convolutions first, so exported graphs keep their Conv nodes."""
+    if stride > 1:
+        x = x[:, ::stride, ::stride]
+    y = jnp.einsum("oc,chw->ohw", w[:, :, 0, 0], x, preferred_element_type=_acc_dtype(x.dtype))
+    return y.astype(x.dtype)
 
 
 def _lax_conv(x: Array, w: Array, stride: int, padding: tuple, groups: int) -> Array:
