@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -181,6 +182,39 @@ def time_call(fn, *, warmup: int, runs: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def run_children(children: dict, rounds: int) -> dict:
+    """Run each child process `rounds` times, rotating the order every round, and return {name: result}: the
+    median over rounds of every number in the children's JSON results (the last line of their stdout).
+
+    `children` maps a name to `(argv, env)`. Two frameworks measured in separate processes one after the other see
+    different moments of a shared machine (the same process measured twice in a row moved by 20-40% on this one);
+    alternating them over rounds and taking medians pairs them in time. A child that fails in any round is reported
+    as {"error": its last stderr line}."""
+    names = list(children)
+    runs: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            argv, env = children[name]
+            p = subprocess.run(argv, capture_output=True, text=True, env=env)
+            runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {
+                "error": (p.stderr.strip().splitlines() or ["failed"])[-1][:160]})
+    out = {}
+    for name, results in runs.items():
+        failed = [r for r in results if "error" in r]
+        out[name] = failed[0] if failed else _median_tree(results)
+    return out
+
+
+def _median_tree(trees: list):
+    """The element-wise median of equally shaped JSON trees (numbers are medians, other leaves from the first)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _median_tree([t[k] for t in trees]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(trees)
+    return first
 
 
 def median(xs) -> float:

@@ -1,11 +1,12 @@
 """Inference throughput (images/s) of patient models under XLA CPU settings, against timm in PyTorch eager.
 
-    python benchmarks/forward_throughput.py [--runs 20] [--save benchmarks/results/forward_throughput.txt]
+    python benchmarks/forward_throughput.py [--runs 20] [--rounds 2] [--save benchmarks/results/forward_throughput.txt]
 
 Models: bit_r50x1, resnet50, mobilenetv3_small_100 at 128 px, batch 32, inference. Each XLA setting runs in its own
 process (XLA_FLAGS are read once at start-up); PyTorch runs in another, with as many threads as cores. The machine
-must be quiet (common.Quiet): otherwise the result is printed, not saved, and the exit status is 3. About 6 minutes on
-2 cores. Prints a table and ends with one JSON line.
+must be quiet (common.Quiet): otherwise the result is printed, not saved, and the exit status is 3. Every child runs
+`--rounds` times, alternated, and each figure is the median over its runs (`common.run_children`). About 4 minutes
+per round on 2 cores. Prints a table and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Quiet, header, json_line, median, report, table, time_call  # noqa: E402
+from common import Quiet, header, json_line, median, report, run_children, table, time_call  # noqa: E402
 
 MODELS = {"bit_r50x1": "resnetv2_50x1_bit", "resnet50": "resnet50", "mobilenetv3_small_100": "mobilenetv3_small_100"}
 SETTINGS = {
@@ -68,6 +68,7 @@ def child_torch(runs: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2, help="runs of every child, alternated (medians are reported)")
     p.add_argument("--child", choices=["jax", "torch"])
     p.add_argument("--save")
     args = p.parse_args()
@@ -75,19 +76,15 @@ def main() -> None:
         print(json.dumps(child_jax(args.runs) if args.child == "jax" else child_torch(args.runs)))
         return
     t0 = time.perf_counter()
-    results = {}
+    argv = [sys.executable, __file__, "--runs", str(args.runs), "--child"]
+    children = {setting: (argv + ["jax"], {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+                for setting, flags in SETTINGS.items()}
+    children["torch"] = (argv + ["torch"], dict(os.environ))
     with Quiet() as quiet:
-        for setting, flags in SETTINGS.items():
-            env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-            r = subprocess.run([sys.executable, __file__, "--child", "jax", "--runs", str(args.runs)], env=env,
-                               capture_output=True, text=True)
-            results[setting] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
-                "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-        r = subprocess.run([sys.executable, __file__, "--child", "torch", "--runs", str(args.runs)],
-                           capture_output=True, text=True)
-    torch_res = None
-    if r.returncode == 0:
-        torch_res = json.loads(r.stdout.strip().splitlines()[-1])
+        results = run_children(children, args.rounds)
+    errors = dict(results)
+    torch_res = results.pop("torch")
+    torch_res = None if "error" in torch_res else torch_res
     rows = []
     for name in MODELS:
         row = {"model": name}
@@ -100,15 +97,18 @@ def main() -> None:
         row["best_vs_torch"] = (ok[row["best"]] / row["torch_eager"]) if ok and row["torch_eager"] else None
         rows.append(row)
     wall = time.perf_counter() - t0
-    what = f"inference images/s, {RES} px, batch {BATCH}, median of {args.runs} runs after 3 warm-up calls"
-    lines = header(f"python benchmarks/forward_throughput.py --runs {args.runs}", wall, what, quiet) + [
+    what = (f"inference images/s, {RES} px, batch {BATCH}, median of {args.runs} runs after 3 warm-up calls; every "
+            f"figure is the median over {args.rounds} alternated runs of each child process")
+    lines = header(f"python benchmarks/forward_throughput.py --runs {args.runs} --rounds {args.rounds}", wall, what,
+                   quiet) + [
         table(rows, [("model", "model")] + [(s, s) for s in SETTINGS] + [("torch_eager", "torch eager"),
                                                                          ("best", "best"),
                                                                          ("best_vs_torch", "best/torch")]),
     ]
-    lines.append(json_line("forward_throughput", run_time_s=round(wall, 1), rows=rows, settings=SETTINGS,
+    lines.append(json_line("forward_throughput", run_time_s=round(wall, 1), rounds=args.rounds, rows=rows,
+                           settings=SETTINGS,
                            **quiet.figures()))
-    report(lines, results, args.save, quiet)
+    report(lines, errors, args.save, quiet)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Images/s of patient's distill step against the same models and loss in PyTorch eager, in one run.
 
-    python benchmarks/train_step.py [--steps 15] [--save benchmarks/results/train_step.txt]
+    python benchmarks/train_step.py [--steps 10] [--rounds 2] [--save benchmarks/results/train_step.txt]
 
 Pairs: bit_r50x1 -> mobilenetv3_small_100 at 128 px, batch 32; cifar_resnet56 -> cifar_resnet20 at 32 px, batch 128.
 The step: mixup (one lambda, roll by one) on both views, teacher forward without gradient, KL at T=1, student forward
@@ -14,7 +14,10 @@ sum can exceed the fused step.
 
 The machine must be quiet (common.Quiet): the result is printed but not saved, exit status 3, when the 1-minute load
 was above 1.0 before the run or other processes kept threads runnable during it.
-About 10 minutes on 2 cores. Prints two tables and ends with one JSON line.
+Each child process (three JAX variants, PyTorch) runs `--rounds` times, alternated, and every figure is the median
+over its runs (`common.run_children`): on a shared machine a framework measured alone moves by 20-40% between runs.
+The "f32 jax/torch" column compares like with like (float32 everywhere); "best" takes the fastest JAX variant.
+About 10 minutes per round on 2 cores. Prints two tables and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -22,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Quiet, header, json_line, median, report, table, time_call  # noqa: E402
+from common import Quiet, header, json_line, median, report, run_children, table, time_call  # noqa: E402
 
 # child -> (teacher_dtype, compute_dtype) for the JAX variants; "torch" is PyTorch eager
 CHILDREN = {"jax_float32": ("float32", "float32"), "jax_bfloat16": ("bfloat16", "float32"),
@@ -197,7 +199,8 @@ def child_torch(steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2, help="runs of every child, alternated (medians are reported)")
     p.add_argument("--child", choices=list(CHILDREN))
     p.add_argument("--save")
     args = p.parse_args()
@@ -206,13 +209,10 @@ def main() -> None:
         print(json.dumps(res))
         return
     t0 = time.perf_counter()
-    results = {}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     with Quiet() as quiet:
-        for child in CHILDREN:
-            r = subprocess.run([sys.executable, __file__, "--child", child, "--steps", str(args.steps)],
-                               capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-            results[child] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
-                "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:160]}
+        results = run_children({c: ([sys.executable, __file__, "--child", c, "--steps", str(args.steps)], env)
+                                for c in CHILDREN}, args.rounds)
     rows = []
     for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
         k = f"{t_name}->{s_name}"
@@ -221,6 +221,7 @@ def main() -> None:
             row[child] = results[child].get(k, {}).get("images_per_s")
         row["compile_s"] = results["jax_float32"].get(k, {}).get("compile_s")
         best = max((row[c] for c in CHILDREN if c != "torch" and row[c]), default=None)
+        row["f32_jax_vs_torch"] = row["jax_float32"] / row["torch"] if row["jax_float32"] and row["torch"] else None
         row["best_jax_vs_torch"] = best / row["torch"] if best and row["torch"] else None
         rows.append(row)
     split_rows = []
@@ -233,19 +234,22 @@ def main() -> None:
             split_rows.append({"pair": k, "part": part, "jax_ms": j, "torch_ms": t,
                                "jax_speed_vs_torch": t / j if j and t else None})
     wall = time.perf_counter() - t0
-    what = f"distill step images/s (mixup + teacher fwd + student fwd/bwd + Adam), median of {args.steps} steps"
-    lines = header(f"python benchmarks/train_step.py --steps {args.steps}", wall, what, quiet) + [
+    what = (f"distill step images/s (mixup + teacher fwd + student fwd/bwd + Adam), median of {args.steps} steps; "
+            f"every figure is the median over {args.rounds} alternated runs of each child process")
+    lines = header(f"python benchmarks/train_step.py --steps {args.steps} --rounds {args.rounds}", wall, what,
+                   quiet) + [
         table(rows, [("pair", "teacher->student"), ("res", "px"), ("batch", "batch"),
                      ("jax_float32", "jax f32 teacher"), ("jax_bfloat16", "jax bf16 teacher"),
                      ("jax_bf16_compute", "jax bf16 teacher+student"),
-                     ("torch", "torch eager"), ("best_jax_vs_torch", "best jax/torch"),
+                     ("torch", "torch eager"), ("f32_jax_vs_torch", "f32 jax/torch"),
+                     ("best_jax_vs_torch", "best jax/torch"),
                      ("compile_s", "compile s")]),
         "",
         "split: each part timed alone (median ms per batch; speed = torch ms / jax ms, > 1 means JAX is faster)",
         table(split_rows, [("pair", "teacher->student"), ("part", "part"), ("jax_ms", "jax f32 ms"),
                            ("torch_ms", "torch ms"), ("jax_speed_vs_torch", "speed vs torch")]),
     ]
-    lines.append(json_line("train_step", run_time_s=round(wall, 1), rows=rows, split=split_rows,
+    lines.append(json_line("train_step", run_time_s=round(wall, 1), rounds=args.rounds, rows=rows, split=split_rows,
                            **quiet.figures()))
     report(lines, results, args.save, quiet)
 
