@@ -20,8 +20,9 @@ exporters see the same network and weights. Then, in one process:
 
 Latency: warm-up excluded, p50 / p90 / mean of per-inference wall time. Goals: patient ONNX p50 <= 0.95x torch.onnx's
 (judged on the paired ratio: the median over 10 rounds of patient's round median over torch's round median, which
-cancels load that drifts between rounds); int8 >= 2x faster than fp32 on resnet50. The summary says plainly which are
-met. On 2 cores shared with other jobs, the 2-thread figures are the noisiest: they compete with the other load.
+cancels load that drifts between rounds); int8 at least 1.5x (LiteRT) and 1.2x (onnxruntime) the speed of fp32 for
+MobileNetV3 small and large, 2.5x for resnet50 (`INT8_GOALS`). The summary says plainly which are met. On 2 cores
+shared with other jobs, the 2-thread figures are the noisiest: they compete with the other load.
 
 Last run (benchmarks/results/export_latency.txt, 783 s, 2026-11-29; 2 Xeon cores with AVX-512 VNNI / AMX, quiet:
 load 0.95 before, other processes' runnable threads 0.03 on average during the run). p50 ms, 1 thread:
@@ -64,6 +65,10 @@ from common import Quiet  # noqa: E402
 
 MODELS = ["mobilenetv3_small_100", "mobilenetv3_large_100", "resnet50", "deit_tiny_patch16_224", "regnety_016"]
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+# (model, format, least int8 speed-up over fp32 at p50): the int8 targets (issue #17), judged at every thread count.
+INT8_GOALS = [(m, fmt, need) for m, need_onnx, need_tflite in [
+    ("mobilenetv3_small_100", 1.2, 1.5), ("mobilenetv3_large_100", 1.2, 1.5), ("resnet50", 2.5, 2.5)]
+    for fmt, need in (("onnx", need_onnx), ("tflite", need_tflite))]
 
 
 def timm_to_patient(name: str, tmp: pathlib.Path, seed: int = 0):
@@ -228,12 +233,16 @@ def main(argv=None) -> None:
     for pr in paired:  # the paired, per-round ratio: the figure the goal is judged on
         goals.append({"goal": f"{pr['artifact']} p50 <= 0.95 x torch.onnx (paired rounds)", "model": pr["model"],
                       "threads": pr["threads"], "value": round(pr["ratio"], 3), "met": pr["ratio"] <= 0.95})
-    if "resnet50" in models:
+    for model, fmt, need in INT8_GOALS:
+        if model not in models:
+            continue
         for th in threads_list:
-            for fmt in ("onnx", "tflite"):
-                speed = p50("resnet50", f"patient {fmt} fp32", th) / p50("resnet50", f"patient {fmt} int8", th)
-                goals.append({"goal": f"resnet50 {fmt} int8 >= 2x faster than fp32", "model": "resnet50", "threads": th,
-                              "value": round(speed, 2), "met": speed >= 2.0})
+            try:
+                speed = p50(model, f"patient {fmt} fp32", th) / p50(model, f"patient {fmt} int8", th)
+            except StopIteration:  # that artifact was not exported (the export said why)
+                continue
+            goals.append({"goal": f"{fmt} int8 >= {need}x the speed of fp32", "model": model, "threads": th,
+                          "value": round(speed, 2), "met": speed >= need})
 
     info = machine_info()
     versions = library_versions()
