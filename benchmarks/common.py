@@ -192,6 +192,8 @@ def run_children(children: dict, rounds: int) -> dict:
     different moments of a shared machine (the same process measured twice in a row moved by 20-40% on this one);
     alternating them over rounds and taking medians pairs them in time. A child that fails in any round is reported
     as {"error": its last stderr line}."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be at least 1")
     names = list(children)
     runs: dict[str, list] = {n: [] for n in names}
     for r in range(rounds):

@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--child", choices=["jax", "torch"])
     p.add_argument("--save")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.child:
         print(json.dumps(child_jax(args.runs) if args.child == "jax" else child_torch(args.runs)))
         return

@@ -204,6 +204,8 @@ def main() -> None:
     p.add_argument("--child", choices=list(CHILDREN))
     p.add_argument("--save")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.child:
         res = child_torch(args.steps) if args.child == "torch" else child_jax(args.steps, *CHILDREN[args.child])
         print(json.dumps(res))
