@@ -136,9 +136,9 @@ def pointwise_conv2d(x: Array, w: Array, stride: int) -> Array:
     (the semantics of `lax.conv_general_dilated` with that kernel, any stride: a strided 1x1 conv reads every
     `stride`-th pixel). Under `vmap` it is one dot over all pixels of the batch, and so are both its gradients.
 
-    XLA's CPU convolution runs 1x1 kernels far below its matrix-product speed; measured back to back on 2 cores (batch 32,
-    128 px), the dot makes a ResNet-50 forward 1062 -> 690 ms, BiT-R50x1's 1110 -> 888 ms and MobileNetV3-Small's
-    forward + backward 267 -> 188 ms. On GPU and TPU a 1x1 conv is a matrix product anyway. Export folds models into
+    XLA's CPU convolution runs 1x1 kernels far below its matrix-product speed; measured back to back on 2 quiet
+    cores (batch 32, 128 px), the dot makes a ResNet-50 forward 1004 -> 821 ms, BiT-R50x1's 1275 -> 889 ms and
+    MobileNetV3-Small's forward + backward 331 -> 254 ms. On GPU and TPU a 1x1 conv is a matrix product anyway. Export folds models into
     plain convolutions first, so exported graphs keep their Conv nodes."""
     if stride > 1:
         x = x[:, ::stride, ::stride]
