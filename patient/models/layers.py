@@ -138,8 +138,8 @@ def pointwise_conv2d(x: Array, w: Array, stride: int) -> Array:
 
     XLA's CPU convolution runs 1x1 kernels far below its matrix-product speed; measured back to back on 2 quiet
     cores (batch 32, 128 px), the dot makes a ResNet-50 forward 1004 -> 821 ms, BiT-R50x1's 1275 -> 889 ms and
-    MobileNetV3-Small's forward + backward 331 -> 254 ms. On GPU and TPU a 1x1 conv is a matrix product anyway. Export folds models into
-    plain convolutions first, so exported graphs keep their Conv nodes."""
+    MobileNetV3-Small's forward + backward 331 -> 254 ms. On GPU and TPU a 1x1 conv is a matrix product anyway.
+    Export folds models into plain convolutions first, so exported graphs keep their Conv nodes."""
     if stride > 1:
         x = x[:, ::stride, ::stride]
     y = jnp.einsum("oc,chw->ohw", w[:, :, 0, 0], x, preferred_element_type=_acc_dtype(x.dtype))
