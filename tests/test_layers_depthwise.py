@@ -2,7 +2,8 @@
 
 Forward: a float64 numpy loop over kernel taps written here. Gradients: `jax.grad` of `lax.conv_general_dilated` with
 `feature_group_count=C` in float64 (the reference XLA implements). Strides 1 and 2, kernels 3 and 5, odd and even
-sizes, symmetric (timm) and asymmetric padding.
+sizes, symmetric (timm) and asymmetric padding; channels-first (C, H, W) and channels-last (H, W, C) examples (the
+channels-last ones are the same arrays transposed, so both layouts meet the same reference).
 """
 
 import jax
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from patient.models.layers import Conv2d, _depthwise_shifted, depthwise_conv2d
+from patient.models.conv import _depthwise_shifted, depthwise_conv2d
+from patient.models.layers import Conv2d
 
 CASES = [  # (channels, height, width, kernel, stride, padding)
     (8, 9, 9, 3, 1, ((1, 1), (1, 1))),
@@ -48,34 +50,45 @@ def _inputs(case, seed=0):
             rng.standard_normal((c, 1, k, k)).astype(np.float32), s, p)
 
 
+def _last(a):
+    """(B, C, H, W) -> (B, H, W, C)."""
+    return np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["chw", "hwc"])
 @pytest.mark.parametrize("case", CASES)
-def test_forward_equals_float64_reference(case):
+def test_forward_equals_float64_reference(case, cl):
     x, w, s, p = _inputs(case)
-    y = jax.jit(jax.vmap(lambda xi: _depthwise_shifted(xi, jnp.asarray(w), s, p)))(x)
     ref = np.stack([numpy_depthwise(xi, w, s, p) for xi in x])
+    x, ref = (_last(x), _last(ref)) if cl else (x, ref)
+    y = jax.jit(jax.vmap(lambda xi: _depthwise_shifted(xi, jnp.asarray(w), s, p, cl)))(x)
     assert y.shape == ref.shape
     np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
     # The per-backend entry point takes the same path on CPU.
-    y2 = jax.jit(jax.vmap(lambda xi: depthwise_conv2d(xi, jnp.asarray(w), s, p)))(x)
+    y2 = jax.jit(jax.vmap(lambda xi: depthwise_conv2d(xi, jnp.asarray(w), s, p, channels_last=cl)))(x)
     np.testing.assert_array_equal(np.asarray(y2), np.asarray(y))
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["chw", "hwc"])
 @pytest.mark.parametrize("case", CASES)
-def test_gradients_equal_lax_conv_in_float64(case):
+def test_gradients_equal_lax_conv_in_float64(case, cl):
     x, w, s, p = _inputs(case, seed=1)
     c = x.shape[1]
     cot = np.random.default_rng(2).standard_normal(np.stack([numpy_depthwise(xi, w, s, p) for xi in x]).shape)
+    if cl:
+        x, cot = _last(x), _last(cot)
 
     def loss(conv, x, w, cot):
         return jnp.sum(jax.vmap(lambda xi: conv(xi, w))(x) * cot)
 
     def ref_conv(xi, w):
-        return lax.conv_general_dilated(xi[None], w, (s, s), p, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        act = "NHWC" if cl else "NCHW"
+        return lax.conv_general_dilated(xi[None], w, (s, s), p, dimension_numbers=(act, "OIHW", act),
                                         feature_group_count=c)[0]
 
     with jax.enable_x64(True):
         gx_ref, gw_ref = jax.grad(loss, argnums=(1, 2))(ref_conv, x.astype(np.float64), w.astype(np.float64), cot)
-    gx, gw = jax.jit(jax.grad(lambda x, w: loss(lambda xi, w: _depthwise_shifted(xi, w, s, p), x, w,
+    gx, gw = jax.jit(jax.grad(lambda x, w: loss(lambda xi, w: _depthwise_shifted(xi, w, s, p, cl), x, w,
                                                 jnp.asarray(cot, jnp.float32)), argnums=(0, 1)))(x, w)
     assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=0, atol=2e-5 * np.abs(gx_ref).max())
@@ -106,7 +119,8 @@ def test_conv2d_uses_it_for_depthwise_and_matches_lax(getkey):
 
 def test_bfloat16_inputs_accumulate_in_float32():
     x, w, s, p = _inputs(CASES[0])
-    y = jax.vmap(lambda xi: _depthwise_shifted(xi, jnp.asarray(w, jnp.bfloat16), s, p))(jnp.asarray(x, jnp.bfloat16))
+    y = jax.vmap(lambda xi: _depthwise_shifted(xi, jnp.asarray(w, jnp.bfloat16), s, p, False))(
+        jnp.asarray(x, jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
     w16 = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32)
     ref = np.stack([numpy_depthwise(xi, w16, s, p) for xi in np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)])

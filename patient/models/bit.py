@@ -15,7 +15,18 @@ import jax
 import jax.numpy as jnp
 
 from . import fold as F
-from .layers import Conv2d, GroupNorm, Linear, Normalize, State, make_divisible, max_pool, split
+from .layers import (
+    Conv2d,
+    GroupNorm,
+    Linear,
+    Normalize,
+    State,
+    make_divisible,
+    max_pool,
+    split,
+    to_channels_first,
+    to_channels_last,
+)
 from .spec import Family, ModelSpec, register_family, register_variant
 
 WS_EPS = 1e-8  # BiT standardises kernels with this epsilon (timm: StdConv2d(eps=1e-8))
@@ -43,16 +54,18 @@ class PreActBottleneck(eqx.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, project: bool, groups: int, *, key: jax.Array | None):
         mid = make_divisible(out_ch * 0.25)
         k1, k2, k3, k4 = split(key, 4)
-        self.norm1 = GroupNorm(in_ch, groups)
-        self.conv1 = Conv2d(in_ch, mid, 1, ws_eps=WS_EPS, key=k1)
-        self.norm2 = GroupNorm(mid, groups)
-        self.conv2 = Conv2d(mid, mid, 3, stride=stride, ws_eps=WS_EPS, key=k2)
-        self.norm3 = GroupNorm(mid, groups)
+        self.norm1 = GroupNorm(in_ch, groups, channels_last=True)
+        self.conv1 = Conv2d(in_ch, mid, 1, ws_eps=WS_EPS, channels_last=True, key=k1)
+        self.norm2 = GroupNorm(mid, groups, channels_last=True)
+        self.conv2 = Conv2d(mid, mid, 3, stride=stride, ws_eps=WS_EPS, channels_last=True, key=k2)
+        self.norm3 = GroupNorm(mid, groups, channels_last=True)
         # Not zero-initialised (timm's zero_init_last): weight standardisation rescales any small kernel to unit
         # variance, so a zero kernel is the identity only until the first update and then divides rounding noise by
         # sqrt(1e-8), which makes training needlessly sensitive to the order of floating-point sums.
-        self.conv3 = Conv2d(mid, out_ch, 1, ws_eps=WS_EPS, key=k3)
-        self.downsample = Downsample(Conv2d(in_ch, out_ch, 1, stride=stride, ws_eps=WS_EPS, key=k4)) if project else None
+        self.conv3 = Conv2d(mid, out_ch, 1, ws_eps=WS_EPS, channels_last=True, key=k3)
+        self.downsample = None
+        if project:
+            self.downsample = Downsample(Conv2d(in_ch, out_ch, 1, stride=stride, ws_eps=WS_EPS, channels_last=True, key=k4))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         pre = _gn_relu(self.norm1, x)
@@ -92,9 +105,11 @@ class BiTResNetV2(eqx.Module):
         keys = split(key, len(depths) + 2)
         stem_ch = make_divisible(64 * width)
         if stem == "fixed":
-            self.stem = Stem(Conv2d(in_chans, stem_ch, 7, stride=2, padding=3, ws_eps=WS_EPS, key=keys[0]), True)
+            self.stem = Stem(Conv2d(in_chans, stem_ch, 7, stride=2, padding=3, ws_eps=WS_EPS, channels_last=True,
+                                    key=keys[0]), True)
         elif stem == "cifar":
-            self.stem = Stem(Conv2d(in_chans, stem_ch, 3, stride=1, padding=1, ws_eps=WS_EPS, key=keys[0]), False)
+            self.stem = Stem(Conv2d(in_chans, stem_ch, 3, stride=1, padding=1, ws_eps=WS_EPS, channels_last=True,
+                                    key=keys[0]), False)
         else:
             raise ValueError(f"BiT stem must be 'fixed' or 'cifar', got {stem!r}.")
         stages, prev = [], stem_ch
@@ -109,7 +124,7 @@ class BiTResNetV2(eqx.Module):
             stages.append(Stage(blocks))
             prev = out
         self.stages = stages
-        self.norm = GroupNorm(prev, groups)
+        self.norm = GroupNorm(prev, groups, channels_last=True)
         # BiT zero-initialises the head (timm does too), so a fresh model predicts the uniform distribution.
         self.head = Head(Linear(prev, num_classes, key=keys[-1], zero_init=True))
         self.normalize = Normalize(spec.mean, spec.std)
@@ -118,18 +133,18 @@ class BiTResNetV2(eqx.Module):
     def __call__(self, x: jax.Array, state: State, *, train: bool = False,
                  key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
-        x = self.stem.conv(self.normalize(x))
-        feats["stem"] = x
+        x = self.stem.conv(to_channels_last(self.normalize(x)))
+        feats["stem"] = to_channels_first(x)
         if self.stem.pool:
             # BiT's "fixed" padding: an explicit zero pad of one, then a 3x3/2 max-pool without padding.
-            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1)))
-            x = max_pool(x, 3, 2, 0)
+            x = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
+            x = max_pool(x, 3, 2, 0, channels_last=True)
         for i, stage in enumerate(self.stages):
             for block in stage.blocks:
                 x = block(x)
-            feats[f"stage{i + 1}"] = x
+            feats[f"stage{i + 1}"] = to_channels_first(x)
         x = _gn_relu(self.norm, x)
-        pooled = x.mean(axis=(1, 2))
+        pooled = x.mean(axis=(0, 1))
         feats["pre_logits"] = pooled
         return self.head.fc(pooled), feats, state
 

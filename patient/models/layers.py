@@ -8,15 +8,15 @@ layer's dotted name, so the same name identifies the statistic in a timm state d
 from __future__ import annotations
 
 import contextvars
-import functools
 import math
 
 import equinox as eqx
 import jax
-import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from .conv import by_layout, channel_vector, chw_sizes, depthwise_conv2d, lax_conv, pad_pairs, pointwise_conv2d
 
 Array = jax.Array
 State = dict  # {bn_name: {"mean": f32[C], "var": f32[C]}}
@@ -76,17 +76,13 @@ def split(key: Array | None, n: int) -> list:
     return [None if key is None else jax.random.fold_in(key, i) for i in range(n)]
 
 
-def _pad_pairs(padding: int | tuple) -> tuple:
-    if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    return tuple(tuple(p) for p in padding)
-
-
 class Conv2d(eqx.Module):
     """2-D convolution on one (C, H, W) example, PyTorch padding conventions.
 
     With `ws_eps` set the kernel is weight-standardised (per output channel, biased variance) before use, as BiT's
-    `StdConv2d` does; the stored `weight` stays the raw parameter.
+    `StdConv2d` does; the stored `weight` stays the raw parameter. With `channels_last` the example is (H, W, C)
+    instead (the kernel keeps PyTorch's (O, I, kh, kw) layout): a family whose activations stay channels-last inside
+    makes 1x1 convolutions plain matrix products over pixel-major data (no layout copies on CPU).
     """
 
     weight: Array  # (O, I // groups, kh, kw)
@@ -95,9 +91,11 @@ class Conv2d(eqx.Module):
     padding: tuple = eqx.field(static=True)
     groups: int = eqx.field(static=True)
     ws_eps: float | None = eqx.field(static=True)
+    channels_last: bool = eqx.field(static=True, default=False)
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int | tuple | None = None,
-                 groups: int = 1, bias: bool = False, ws_eps: float | None = None, key: Array | None):
+                 groups: int = 1, bias: bool = False, ws_eps: float | None = None, channels_last: bool = False,
+                 key: Array | None):
         if padding is None:
             padding = ((stride - 1) + (kernel - 1)) // 2  # timm's get_padding for dilation 1
         fan_out = out_ch * kernel * kernel // groups
@@ -105,9 +103,10 @@ class Conv2d(eqx.Module):
         self.weight = jnp.asarray(w * np.float32(math.sqrt(2.0 / fan_out)))
         self.bias = jnp.asarray(np.zeros((out_ch,), np.float32)) if bias else None
         self.stride = stride
-        self.padding = _pad_pairs(padding)
+        self.padding = pad_pairs(padding)
         self.groups = groups
         self.ws_eps = ws_eps
+        self.channels_last = channels_last
 
     def kernel(self) -> Array:
         """The kernel actually convolved with (weight-standardised when `ws_eps` is set)."""
@@ -120,177 +119,16 @@ class Conv2d(eqx.Module):
 
     def __call__(self, x: Array) -> Array:
         w = self.kernel().astype(x.dtype)
+        cl = self.channels_last
         if self.groups == 1 and w.shape[2:] == (1, 1) and self.padding == ((0, 0), (0, 0)):
-            y = pointwise_conv2d(x, w, self.stride)
+            y = pointwise_conv2d(x, w, self.stride, channels_last=cl)
         elif self.groups > 1 and self.groups == w.shape[0] and w.shape[1] == 1:
-            y = depthwise_conv2d(x, w, self.stride, self.padding)
+            y = depthwise_conv2d(x, w, self.stride, self.padding, channels_last=cl)
         else:
-            y = _lax_conv(x, w, self.stride, self.padding, self.groups)
+            y = lax_conv(x, w, self.stride, self.padding, self.groups, channels_last=cl)
         if self.bias is not None:
-            y = y + self.bias.astype(x.dtype)[:, None, None]
+            y = y + channel_vector(self.bias.astype(x.dtype), cl)
         return y
-
-
-def pointwise_conv2d(x: Array, w: Array, stride: int) -> Array:
-    """A 1x1 convolution without padding of one (C, H, W) example with an (O, C, 1, 1) kernel, as a matrix product
-    (the semantics of `lax.conv_general_dilated` with that kernel, any stride: a strided 1x1 conv reads every
-    `stride`-th pixel). Under `vmap` it is one dot over all pixels of the batch, and so are both its gradients.
-
-    XLA's CPU convolution runs 1x1 kernels far below its matrix-product speed; measured back to back on 2 quiet
-    cores (batch 32, 128 px), the dot makes a ResNet-50 forward 1004 -> 821 ms, BiT-R50x1's 1275 -> 889 ms and
-    MobileNetV3-Small's forward + backward 331 -> 254 ms. On GPU and TPU a 1x1 conv is a matrix product anyway.
-    Export folds models into plain convolutions first, so exported graphs keep their Conv nodes."""
-    if stride > 1:
-        x = x[:, ::stride, ::stride]
-    y = jnp.einsum("oc,chw->ohw", w[:, :, 0, 0], x, preferred_element_type=_acc_dtype(x.dtype))
-    return y.astype(x.dtype)
-
-
-def _lax_conv(x: Array, w: Array, stride: int, padding: tuple, groups: int) -> Array:
-    """`lax.conv_general_dilated` on one (C, H, W) example; under `vmap` (how models are batched) one batched conv
-    whose kernel gradient is computed in batch chunks on CPU (`_conv_program`)."""
-    return _conv_program(stride, padding, groups)(x, w)
-
-
-# Bytes of input per chunk of the kernel gradient on CPU. Measured on 2 cores (B128 C16 32x32: 32 -> 15 ms; B32 C256
-# 16x16: 193 -> 114 ms; B128 C64 8x8: 20 -> 11 ms): XLA's CPU kernel-gradient convolution over a whole batch runs on one
-# thread with a poor memory pattern, while chunks of ~0.5 MB of input are independent ops the runtime runs in parallel.
-_DW_CHUNK_BYTES = 1 << 19
-
-
-def _batched_conv(x: Array, w: Array, stride: int, padding: tuple, groups: int) -> Array:
-    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                    feature_group_count=groups)
-
-
-def _kernel_grad(x: Array, w: Array, g: Array, stride: int, padding: tuple, groups: int, chunk: int) -> Array:
-    """d(sum(g * conv(x, w)))/dw, summed over batch chunks of `chunk` examples (the whole batch when chunk >= B)."""
-    total = 0
-    for lo in range(0, x.shape[0], chunk):
-        xs, gs = x[lo:lo + chunk], g[lo:lo + chunk]
-        part = jax.vjp(lambda w_: _batched_conv(xs, w_, stride, padding, groups), w)[1](gs)[0]
-        total = total + part.astype(jnp.float32)  # chunks summed in float32 (bfloat16 sums would lose the small ones)
-    return total.astype(w.dtype)
-
-
-@functools.cache
-def _conv_program(stride: int, padding: tuple, groups: int):
-    """The one-example conv for a (stride, padding, groups): a `custom_vmap` whose batched rule is a `custom_vjp`
-    conv (input gradient as XLA derives it; kernel gradient chunked on CPU, whole elsewhere). A kernel that is itself
-    batched (vmapped models) falls back to the plain batched conv."""
-
-    @jax.custom_vjp
-    def batched(x, w):
-        return _batched_conv(x, w, stride, padding, groups)
-
-    def fwd(x, w):
-        return _batched_conv(x, w, stride, padding, groups), (x, w)
-
-    def bwd(res, g):
-        x, w = res
-        dx = jax.vjp(lambda x_: _batched_conv(x_, w, stride, padding, groups), x)[1](g)[0]
-        chunk = max(1, _DW_CHUNK_BYTES // (math.prod(x.shape[1:]) * x.dtype.itemsize))
-        dw = lax.platform_dependent(
-            x, w, g, cpu=lambda x, w, g: _kernel_grad(x, w, g, stride, padding, groups, chunk),
-            default=lambda x, w, g: _kernel_grad(x, w, g, stride, padding, groups, x.shape[0]))
-        return dx, dw
-
-    batched.defvjp(fwd, bwd)
-
-    @jax.custom_batching.custom_vmap
-    def one(x, w):
-        return _batched_conv(x[None], w, stride, padding, groups)[0]
-
-    @one.def_vmap
-    def _rule(axis_size, in_batched, x, w):
-        x_batched, w_batched = in_batched
-        if w_batched:
-            plain = jax.vmap(lambda x_, w_: _batched_conv(x_[None], w_, stride, padding, groups)[0],
-                             in_axes=(0 if x_batched else None, 0))
-            return plain(x, w), True
-        return batched(x, w), True
-
-    return one
-
-
-def depthwise_conv2d(x: Array, w: Array, stride: int, padding: tuple) -> Array:
-    """Depthwise convolution of one (C, H, W) example with a (C, 1, kh, kw) kernel; the semantics of
-    `lax.conv_general_dilated(..., feature_group_count=C)` (PyTorch padding pairs, any stride).
-
-    XLA's CPU backend runs grouped convolutions through a generic loop (a 3x3 depthwise conv on 32x96x32x32 takes
-    ~190 ms forward and ~550 ms forward+backward on 2 cores, against ~20 ms forward+backward in PyTorch). On CPU this
-    computes the same sum as kh*kw shifted multiply-adds, which XLA fuses into one loop, with a hand-written backward
-    (`_dw_bwd`); other backends (GPU, TPU) keep `lax.conv`, which is fast there. Export never sees this function:
-    it folds models into plain convolutions first.
-    """
-    padding = _pad_pairs(padding)
-    return lax.platform_dependent(x, w, cpu=functools.partial(_depthwise_shifted, stride=stride, padding=padding),
-                                  default=lambda x, w: _lax_conv(x, w, stride, padding, x.shape[0]))
-
-
-def _windows(xp: Array, kh: int, kw: int, stride: int, out_hw: tuple):
-    """The kh*kw strided windows of the padded (C, Hp, Wp) `xp` that tap (i, j) of the kernel reads, with (i, j)."""
-    ho, wo = out_hw
-    for i in range(kh):
-        for j in range(kw):
-            yield i, j, lax.slice(xp, (0, i, j), (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1),
-                                  (1, stride, stride))
-
-
-def _acc_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)  # bfloat16 inputs accumulate in float32, as lax.conv does on CPU
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_shifted(x: Array, w: Array, stride: int, padding: tuple) -> Array:
-    return _dw_forward(x, w, stride, padding)
-
-
-def _dw_forward(x, w, stride, padding):
-    c, h, wd = x.shape
-    kh, kw = w.shape[2:]
-    (pt, pb), (pl, pr) = padding
-    out_hw = ((h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1)
-    acc = _acc_dtype(x.dtype)
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr)))
-    y = 0
-    for i, j, win in _windows(xp, kh, kw, stride, out_hw):
-        y = y + w[:, 0, i, j, None, None].astype(acc) * win.astype(acc)
-    return y.astype(x.dtype)
-
-
-def _dw_fwd(x, w, stride, padding):
-    return _dw_forward(x, w, stride, padding), (x, w)
-
-
-def _dw_bwd(stride, padding, res, g):
-    """Input gradient: the output gradient, dilated by the stride and padded, correlated with the flipped kernel (one
-    fused loop, like the forward). Kernel gradient: one variadic reduction with kh*kw outputs, so XLA reads `g` and
-    the input once instead of kh*kw times (kh*kw separate reductions are ~4x slower on CPU)."""
-    x, w = res
-    c, h, wd = x.shape
-    kh, kw = w.shape[2:]
-    ho, wo = g.shape[1:]
-    (pt, pb), (pl, pr) = padding
-    acc = _acc_dtype(x.dtype)
-    zero = jnp.zeros((), g.dtype)
-    # gd[p] = g[(p - (kh - 1)) / stride] where that is an integer in range, else 0, on the padded input's grid.
-    gd = lax.pad(g, zero, ((0, 0, 0), (kh - 1, h + pt + pb - stride * (ho - 1) - 1, stride - 1),
-                           (kw - 1, wd + pl + pr - stride * (wo - 1) - 1, stride - 1)))
-    dx = 0
-    for i in range(kh):
-        for j in range(kw):
-            win = lax.slice(gd, (0, kh - 1 - i + pt, kw - 1 - j + pl), (c, kh - 1 - i + pt + h, kw - 1 - j + pl + wd))
-            dx = dx + w[:, 0, i, j, None, None].astype(acc) * win.astype(acc)
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr)))
-    gf = g.astype(acc)
-    prods = [gf * win.astype(acc) for _, _, win in _windows(xp, kh, kw, stride, (ho, wo))]
-    sums = lax.reduce(prods, [jnp.zeros((), acc)] * len(prods), lambda a, b: [u + v for u, v in zip(a, b)], (1, 2))
-    dw = jnp.stack(sums, axis=-1).reshape(w.shape)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_depthwise_shifted.defvjp(_dw_fwd, _dw_bwd)
 
 
 class Linear(eqx.Module):
@@ -351,30 +189,45 @@ def resample_positions(pos: Array | np.ndarray, grid: tuple[int, int], new_grid:
 
 
 class GroupNorm(eqx.Module):
-    """GroupNorm over (C, H, W) with per-channel affine; statistics in float32 whatever the input dtype."""
+    """GroupNorm over (C, H, W) (or channels-last (H, W, C)) with per-channel affine; statistics in float32 whatever
+    the input dtype."""
 
     weight: Array
     bias: Array
     groups: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    channels_last: bool = eqx.field(static=True, default=False)
 
-    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, *, channels_last: bool = False):
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups; pick a width that is.")
         self.weight = jnp.asarray(np.ones((channels,), np.float32))
         self.bias = jnp.asarray(np.zeros((channels,), np.float32))
         self.groups = groups
         self.eps = eps
+        self.channels_last = channels_last
 
     def __call__(self, x: Array) -> Array:
-        c, h, w = x.shape
+        c, h, w = chw_sizes(x.shape, self.channels_last)
+        g = self.groups
+        xf = x.astype(jnp.float32)
+        if self.channels_last:
+            # Per-channel means over the pixels first (reductions that keep channels minor), then over each group's
+            # channels; reducing an (H, W, G, C/G) view directly is up to 13x slower on CPU (C/G = 2 is the worst).
+            def group_mean(v):  # (H, W, C) -> the mean over its group, per channel: (C,)
+                return jnp.repeat(v.mean(axis=(0, 1)).reshape(g, c // g).mean(axis=1), c // g)
+
+            mean = group_mean(xf)
+            var = group_mean(jnp.square(xf - mean))
+            scale = lax.rsqrt(var + self.eps) * self.weight
+            return (xf * scale + (self.bias - mean * scale)).astype(x.dtype)
         # (G, C/G, H, W) keeps channels innermost in XLA CPU's NHWC layout; flattening a group to one axis would make
         # XLA transpose the whole activation (a quarter of BiT's forward time).
-        xg = x.astype(jnp.float32).reshape(self.groups, c // self.groups, h, w)
+        xg = xf.reshape(g, c // g, h, w)
         mean = xg.mean(axis=(1, 2, 3), keepdims=True)
         var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 3), keepdims=True)
-        scale = lax.rsqrt(var + self.eps) * self.weight.reshape(self.groups, -1, 1, 1)
-        y = xg * scale + (self.bias.reshape(self.groups, -1, 1, 1) - mean * scale)
+        scale = lax.rsqrt(var + self.eps) * self.weight.reshape(g, -1, 1, 1)
+        y = xg * scale + (self.bias.reshape(g, -1, 1, 1) - mean * scale)
         return y.reshape(c, h, w).astype(x.dtype)
 
 
@@ -383,7 +236,7 @@ class BatchNorm(eqx.Module):
 
     In training the statistics are reduced over the vmapped `batch` axis and, inside the train step's `shard_map`, over
     the mesh's data axis too (`batch_mean`), so they are statistics of the global batch. Running statistics live in
-    `state[self.name]`.
+    `state[self.name]`. With `channels_last` the example is (H, W, C), as for `Conv2d`.
     """
 
     weight: Array
@@ -391,13 +244,16 @@ class BatchNorm(eqx.Module):
     name: str = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
+    channels_last: bool = eqx.field(static=True, default=False)
 
-    def __init__(self, channels: int, name: str, *, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, channels: int, name: str, *, eps: float = 1e-5, momentum: float = 0.1,
+                 channels_last: bool = False):
         self.weight = jnp.asarray(np.ones((channels,), np.float32))
         self.bias = jnp.asarray(np.zeros((channels,), np.float32))
         self.name = name
         self.eps = eps
         self.momentum = momentum
+        self.channels_last = channels_last
 
     def init_state(self) -> State:
         c = self.weight.shape[0]
@@ -405,10 +261,13 @@ class BatchNorm(eqx.Module):
 
     def __call__(self, x: Array, state: State, train: bool) -> tuple[Array, State]:
         xf = x.astype(jnp.float32)
+        cl = self.channels_last
         if train:
-            mean = batch_mean(xf.mean(axis=(1, 2)))
-            var = batch_mean(jnp.square(xf - mean[:, None, None]).mean(axis=(1, 2)))
-            n = batch_count() * x.shape[1] * x.shape[2]
+            spatial = (0, 1) if cl else (1, 2)
+            mean = batch_mean(xf.mean(axis=spatial))
+            var = batch_mean(jnp.square(xf - channel_vector(mean, cl)).mean(axis=spatial))
+            _, h, w = chw_sizes(x.shape, cl)
+            n = batch_count() * h * w
             running = state[self.name]
             m = self.momentum
             new = {
@@ -419,7 +278,7 @@ class BatchNorm(eqx.Module):
         else:
             mean, var = state[self.name]["mean"], state[self.name]["var"]
         scale = self.weight * lax.rsqrt(var + self.eps)
-        y = xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]
+        y = xf * channel_vector(scale, cl) + channel_vector(self.bias - mean * scale, cl)
         return y.astype(x.dtype), state
 
 
@@ -435,24 +294,35 @@ class Normalize(eqx.Module):
         return (x - mean) / std
 
 
-def run_stages(stages: list, x: Array, state: State, train: bool,
-               feats: dict[str, Array]) -> tuple[Array, State, Array]:
+def run_stages(stages: list, x: Array, state: State, train: bool, feats: dict[str, Array], *,
+               channels_last: bool = False) -> tuple[Array, State, Array]:
     """Run stages of residual blocks (`block(x, state, train) -> (x, state)`) in order, record each stage's output as
-    `feats["stage<i>"]` and the globally pooled output as `feats["pre_logits"]`; returns `(x, state, pooled)`."""
+    `feats["stage<i>"]` (channels first, whatever the layout inside) and the globally pooled output as
+    `feats["pre_logits"]`; returns `(x, state, pooled)`."""
     for i, stage in enumerate(stages):
         for block in stage:
             x, state = block(x, state, train)
-        feats[f"stage{i + 1}"] = x
-    pooled = x.mean(axis=(1, 2))
+        feats[f"stage{i + 1}"] = to_channels_first(x) if channels_last else x
+    pooled = x.mean(axis=(0, 1) if channels_last else (1, 2))
     feats["pre_logits"] = pooled
     return x, state, pooled
 
 
-def max_pool(x: Array, kernel: int, stride: int, padding: int) -> Array:
-    """Max-pool one (C, H, W) example, padding with -inf (PyTorch's MaxPool2d)."""
+def to_channels_last(x: Array) -> Array:
+    """One (C, H, W) example as (H, W, C): how the convolutional families carry activations inside (see `Conv2d`)."""
+    return jnp.transpose(x, (1, 2, 0))
+
+
+def to_channels_first(x: Array) -> Array:
+    """One (H, W, C) example as (C, H, W): features leave every family channels first, the contract of the methods."""
+    return jnp.transpose(x, (2, 0, 1))
+
+
+def max_pool(x: Array, kernel: int, stride: int, padding: int, *, channels_last: bool = False) -> Array:
+    """Max-pool one (C, H, W) (or (H, W, C)) example, padding with -inf (PyTorch's MaxPool2d)."""
     return lax.reduce_window(
-        x, -jnp.inf, lax.max, (1, kernel, kernel), (1, stride, stride),
-        ((0, 0), (padding, padding), (padding, padding)),
+        x, -jnp.inf, lax.max, by_layout(channels_last, 1, kernel, kernel), by_layout(channels_last, 1, stride, stride),
+        by_layout(channels_last, (0, 0), (padding, padding), (padding, padding)),
     )
 
 

@@ -4,6 +4,10 @@ Blocks are depthwise-separable (`ds`), inverted residual (`ir`) and conv-BN-act 
 hard-swish, squeeze-excite gates are hard-sigmoid, channels are scaled by a width multiplier and rounded to multiples of
 8 (timm's `round_channels`). The head pools first, then a 1x1 conv with bias and hard-swish (1024 or 1280 wide), then the
 classifier. Attribute names mirror timm's state-dict keys.
+
+Activations are channels-last (H, W, C) inside the network (`Conv2d`'s `channels_last`; the image comes in and the
+features go out channels first, like every family's): the 1x1 convolutions are then matrix products over pixel-major
+data and the depthwise ones vectorise over channels, with no layout copies between them on CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +16,19 @@ import equinox as eqx
 import jax
 
 from . import fold as F
-from .layers import BatchNorm, Conv2d, Linear, Normalize, State, hard_sigmoid, hard_swish, make_divisible, split
+from .layers import (
+    BatchNorm,
+    Conv2d,
+    Linear,
+    Normalize,
+    State,
+    hard_sigmoid,
+    hard_swish,
+    make_divisible,
+    split,
+    to_channels_first,
+    to_channels_last,
+)
 from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 # (kind, repeats, kernel, stride, expansion, out channels, squeeze-excite, activation) per block group.
@@ -44,11 +60,11 @@ class SqueezeExcite(eqx.Module):
     def __init__(self, channels: int, *, key: jax.Array | None):
         rd = make_divisible(channels * 0.25, 8)
         k1, k2 = split(key, 2)
-        self.conv_reduce = Conv2d(channels, rd, 1, padding=0, bias=True, key=k1)
-        self.conv_expand = Conv2d(rd, channels, 1, padding=0, bias=True, key=k2)
+        self.conv_reduce = Conv2d(channels, rd, 1, padding=0, bias=True, channels_last=True, key=k1)
+        self.conv_expand = Conv2d(rd, channels, 1, padding=0, bias=True, channels_last=True, key=k2)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        s = x.mean(axis=(1, 2), keepdims=True)
+        s = x.mean(axis=(0, 1), keepdims=True)
         s = self.conv_expand(jax.nn.relu(self.conv_reduce(s)))
         return x * hard_sigmoid(s)
 
@@ -65,11 +81,11 @@ class DepthwiseSeparable(eqx.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, se: bool, act: str, name: str, *,
                  key: jax.Array | None):
         k1, k2, k3 = split(key, 3)
-        self.conv_dw = Conv2d(in_ch, in_ch, kernel, stride=stride, groups=in_ch, key=k1)
-        self.bn1 = BatchNorm(in_ch, f"{name}.bn1")
+        self.conv_dw = Conv2d(in_ch, in_ch, kernel, stride=stride, groups=in_ch, channels_last=True, key=k1)
+        self.bn1 = BatchNorm(in_ch, f"{name}.bn1", channels_last=True)
         self.se = SqueezeExcite(in_ch, key=k2) if se else None
-        self.conv_pw = Conv2d(in_ch, out_ch, 1, padding=0, key=k3)
-        self.bn2 = BatchNorm(out_ch, f"{name}.bn2")
+        self.conv_pw = Conv2d(in_ch, out_ch, 1, padding=0, channels_last=True, key=k3)
+        self.bn2 = BatchNorm(out_ch, f"{name}.bn2", channels_last=True)
         self.act = act
         self.skip = stride == 1 and in_ch == out_ch
 
@@ -98,13 +114,13 @@ class InvertedResidual(eqx.Module):
                  *, key: jax.Array | None):
         mid = make_divisible(in_ch * exp)
         k1, k2, k3, k4 = split(key, 4)
-        self.conv_pw = Conv2d(in_ch, mid, 1, padding=0, key=k1)
-        self.bn1 = BatchNorm(mid, f"{name}.bn1")
-        self.conv_dw = Conv2d(mid, mid, kernel, stride=stride, groups=mid, key=k2)
-        self.bn2 = BatchNorm(mid, f"{name}.bn2")
+        self.conv_pw = Conv2d(in_ch, mid, 1, padding=0, channels_last=True, key=k1)
+        self.bn1 = BatchNorm(mid, f"{name}.bn1", channels_last=True)
+        self.conv_dw = Conv2d(mid, mid, kernel, stride=stride, groups=mid, channels_last=True, key=k2)
+        self.bn2 = BatchNorm(mid, f"{name}.bn2", channels_last=True)
         self.se = SqueezeExcite(mid, key=k3) if se else None
-        self.conv_pwl = Conv2d(mid, out_ch, 1, padding=0, key=k4)
-        self.bn3 = BatchNorm(out_ch, f"{name}.bn3")
+        self.conv_pwl = Conv2d(mid, out_ch, 1, padding=0, channels_last=True, key=k4)
+        self.bn3 = BatchNorm(out_ch, f"{name}.bn3", channels_last=True)
         self.act = act
         self.skip = stride == 1 and in_ch == out_ch
 
@@ -125,8 +141,8 @@ class ConvBnAct(eqx.Module):
     act: str = eqx.field(static=True)
 
     def __init__(self, in_ch: int, out_ch: int, act: str, name: str, *, key: jax.Array | None):
-        self.conv = Conv2d(in_ch, out_ch, 1, padding=0, key=key)
-        self.bn1 = BatchNorm(out_ch, f"{name}.bn1")
+        self.conv = Conv2d(in_ch, out_ch, 1, padding=0, channels_last=True, key=key)
+        self.bn1 = BatchNorm(out_ch, f"{name}.bn1", channels_last=True)
         self.act = act
 
     def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
@@ -152,8 +168,8 @@ class MobileNetV3(eqx.Module):
         num_features = 1024 if size == "small" else 1280
         stem = 16 if width < 0.75 else make_divisible(16 * width)  # timm keeps the stem at 16 below 0.75x
         keys = split(key, len(arch) + 3)
-        self.conv_stem = Conv2d(in_chans, stem, 3, stride=2, padding=1, key=keys[0])
-        self.bn1 = BatchNorm(stem, "bn1")
+        self.conv_stem = Conv2d(in_chans, stem, 3, stride=2, padding=1, channels_last=True, key=keys[0])
+        self.bn1 = BatchNorm(stem, "bn1", channels_last=True)
         blocks, prev, stride_so_far, reductions = [], stem, 2, []
         for s, group in enumerate(arch):
             stage, j = [], 0
@@ -173,7 +189,7 @@ class MobileNetV3(eqx.Module):
             reductions.append(stride_so_far)
         self.blocks = blocks
         self.reductions = tuple(reductions)
-        self.conv_head = Conv2d(prev, num_features, 1, padding=0, bias=True, key=keys[-2])
+        self.conv_head = Conv2d(prev, num_features, 1, padding=0, bias=True, channels_last=True, key=keys[-2])
         self.classifier = Linear(num_features, num_classes, key=keys[-1])
         self.normalize = Normalize(spec.mean, spec.std)
         self.spec = spec
@@ -181,17 +197,17 @@ class MobileNetV3(eqx.Module):
     def __call__(self, x: jax.Array, state: State, *, train: bool = False,
                  key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
-        x, state = self.bn1(self.conv_stem(self.normalize(x)), state, train)
+        x, state = self.bn1(self.conv_stem(to_channels_last(self.normalize(x))), state, train)
         x = hard_swish(x)
-        feats["stem"] = x
+        feats["stem"] = to_channels_first(x)
         # stage1..stage4 = the last block group output at reductions 4, 8, 16 and 32.
         names = {4: "stage1", 8: "stage2", 16: "stage3", 32: "stage4"}
         for stage, red in zip(self.blocks, self.reductions):
             for block in stage:
                 x, state = block(x, state, train)
             if red in names:
-                feats[names[red]] = x
-        pooled = x.mean(axis=(1, 2), keepdims=True)
+                feats[names[red]] = to_channels_first(x)
+        pooled = x.mean(axis=(0, 1), keepdims=True)
         head = hard_swish(self.conv_head(pooled)).reshape(-1)
         feats["pre_logits"] = head
         return self.classifier(head), feats, state

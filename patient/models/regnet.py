@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from . import fold as F
-from .layers import BatchNorm, Conv2d, Linear, Normalize, State, run_stages, split
+from .layers import BatchNorm, Conv2d, Linear, Normalize, State, run_stages, split, to_channels_first, to_channels_last
 from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 
@@ -29,8 +29,8 @@ class ConvBN(eqx.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, name: str, *, stride: int = 1, groups: int = 1,
                  key: jax.Array | None):
-        self.conv = Conv2d(in_ch, out_ch, kernel, stride=stride, groups=groups, key=key)
-        self.bn = BatchNorm(out_ch, f"{name}.bn")
+        self.conv = Conv2d(in_ch, out_ch, kernel, stride=stride, groups=groups, channels_last=True, key=key)
+        self.bn = BatchNorm(out_ch, f"{name}.bn", channels_last=True)
 
     def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         return self.bn(self.conv(x), state, train)
@@ -45,11 +45,11 @@ class SqueezeExcite(eqx.Module):
 
     def __init__(self, channels: int, reduced: int, *, key: jax.Array | None):
         k1, k2 = split(key, 2)
-        self.fc1 = Conv2d(channels, reduced, 1, padding=0, bias=True, key=k1)
-        self.fc2 = Conv2d(reduced, channels, 1, padding=0, bias=True, key=k2)
+        self.fc1 = Conv2d(channels, reduced, 1, padding=0, bias=True, channels_last=True, key=k1)
+        self.fc2 = Conv2d(reduced, channels, 1, padding=0, bias=True, channels_last=True, key=k2)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        s = self.fc2(jax.nn.relu(self.fc1(x.mean(axis=(1, 2), keepdims=True))))
+        s = self.fc2(jax.nn.relu(self.fc1(x.mean(axis=(0, 1), keepdims=True))))
         return x * jax.nn.sigmoid(s)
 
 
@@ -128,10 +128,10 @@ class RegNet(eqx.Module):
     def __call__(self, x: jax.Array, state: State, *, train: bool = False,
                  key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
-        x, state = self.stem(self.normalize(x), state, train)
+        x, state = self.stem(to_channels_last(self.normalize(x)), state, train)
         x = jax.nn.relu(x)
-        feats["stem"] = x
-        _, state, pooled = run_stages(self.stages, x, state, train, feats)
+        feats["stem"] = to_channels_first(x)
+        _, state, pooled = run_stages(self.stages, x, state, train, feats, channels_last=True)
         return self.head.fc(pooled), feats, state
 
     def fold(self, state: State) -> list:

@@ -16,7 +16,18 @@ import equinox as eqx
 import jax
 
 from . import fold as F
-from .layers import BatchNorm, Conv2d, Linear, Normalize, State, max_pool, run_stages, split
+from .layers import (
+    BatchNorm,
+    Conv2d,
+    Linear,
+    Normalize,
+    State,
+    max_pool,
+    run_stages,
+    split,
+    to_channels_first,
+    to_channels_last,
+)
 from .spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, register_family, register_variant
 
 
@@ -30,14 +41,15 @@ class BasicBlock(eqx.Module):
 
     def __init__(self, in_ch: int, planes: int, stride: int, name: str, *, key: jax.Array | None):
         k1, k2, k3 = split(key, 3)
-        self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, key=k1)
-        self.bn1 = BatchNorm(planes, f"{name}.bn1")
-        self.conv2 = Conv2d(planes, planes, 3, padding=1, key=k2)
-        self.bn2 = BatchNorm(planes, f"{name}.bn2")
+        self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, channels_last=True, key=k1)
+        self.bn1 = BatchNorm(planes, f"{name}.bn1", channels_last=True)
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, channels_last=True, key=k2)
+        self.bn2 = BatchNorm(planes, f"{name}.bn2", channels_last=True)
         out = planes
         self.downsample = None
         if stride != 1 or in_ch != out:
-            self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, key=k3), BatchNorm(out, f"{name}.downsample.1"))
+            self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, channels_last=True, key=k3),
+                               BatchNorm(out, f"{name}.downsample.1", channels_last=True))
 
     def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         y, state = self.bn1(self.conv1(x), state, train)
@@ -61,15 +73,16 @@ class Bottleneck(eqx.Module):
     def __init__(self, in_ch: int, planes: int, stride: int, name: str, *, key: jax.Array | None):
         k1, k2, k3, k4 = split(key, 4)
         out = planes * 4
-        self.conv1 = Conv2d(in_ch, planes, 1, padding=0, key=k1)
-        self.bn1 = BatchNorm(planes, f"{name}.bn1")
-        self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, key=k2)
-        self.bn2 = BatchNorm(planes, f"{name}.bn2")
-        self.conv3 = Conv2d(planes, out, 1, padding=0, key=k3)
-        self.bn3 = BatchNorm(out, f"{name}.bn3")
+        self.conv1 = Conv2d(in_ch, planes, 1, padding=0, channels_last=True, key=k1)
+        self.bn1 = BatchNorm(planes, f"{name}.bn1", channels_last=True)
+        self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, channels_last=True, key=k2)
+        self.bn2 = BatchNorm(planes, f"{name}.bn2", channels_last=True)
+        self.conv3 = Conv2d(planes, out, 1, padding=0, channels_last=True, key=k3)
+        self.bn3 = BatchNorm(out, f"{name}.bn3", channels_last=True)
         self.downsample = None
         if stride != 1 or in_ch != out:
-            self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, key=k4), BatchNorm(out, f"{name}.downsample.1"))
+            self.downsample = (Conv2d(in_ch, out, 1, stride=stride, padding=0, channels_last=True, key=k4),
+                               BatchNorm(out, f"{name}.downsample.1", channels_last=True))
 
     def __call__(self, x: jax.Array, state: State, train: bool) -> tuple[jax.Array, State]:
         y, state = self.bn1(self.conv1(x), state, train)
@@ -98,14 +111,14 @@ class ResNet(eqx.Module):
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         keys = split(key, len(depths) + 2)
         if stem == "imagenet":
-            self.conv1 = Conv2d(in_chans, stem_width, 7, stride=2, padding=3, key=keys[0])
+            self.conv1 = Conv2d(in_chans, stem_width, 7, stride=2, padding=3, channels_last=True, key=keys[0])
             self.pool = True
         elif stem == "cifar":
-            self.conv1 = Conv2d(in_chans, stem_width, 3, stride=1, padding=1, key=keys[0])
+            self.conv1 = Conv2d(in_chans, stem_width, 3, stride=1, padding=1, channels_last=True, key=keys[0])
             self.pool = False
         else:
             raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {stem!r}.")
-        self.bn1 = BatchNorm(stem_width, "bn1")
+        self.bn1 = BatchNorm(stem_width, "bn1", channels_last=True)
         layers, prev = [], stem_width
         for i, (depth, planes) in enumerate(zip(depths, channels)):
             bkeys = split(keys[i + 1], depth)
@@ -123,12 +136,12 @@ class ResNet(eqx.Module):
     def __call__(self, x: jax.Array, state: State, *, train: bool = False,
                  key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], State]:
         feats = {}
-        x, state = self.bn1(self.conv1(self.normalize(x)), state, train)
+        x, state = self.bn1(self.conv1(to_channels_last(self.normalize(x))), state, train)
         x = jax.nn.relu(x)
-        feats["stem"] = x
+        feats["stem"] = to_channels_first(x)
         if self.pool:
-            x = max_pool(x, 3, 2, 1)
-        _, state, pooled = run_stages(self.layers, x, state, train, feats)
+            x = max_pool(x, 3, 2, 1, channels_last=True)
+        _, state, pooled = run_stages(self.layers, x, state, train, feats, channels_last=True)
         return self.fc(pooled), feats, state
 
 
