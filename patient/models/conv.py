@@ -45,8 +45,9 @@ def pointwise_conv2d(x: Array, w: Array, stride: int, *, channels_last: bool = F
     XLA's CPU convolution runs 1x1 kernels far below its matrix-product speed; measured back to back on 2 quiet
     cores (batch 32, 128 px), the dot makes a ResNet-50 forward 1004 -> 821 ms and BiT-R50x1's 1275 -> 889 ms;
     MobileNetV3-Small's forward + backward (every gradient) went 292 -> 271 ms, and 212 ms once activations were
-    channels-last (a product over pixel-major data, no layout copies around it). On GPU and TPU a 1x1 conv is a matrix product anyway.
-    Export folds models into plain convolutions first, so exported graphs keep their Conv nodes."""
+    channels-last (a product over pixel-major data, no layout copies around it). On GPU and TPU a 1x1 conv is a
+    matrix product anyway. Export folds models into plain convolutions first, so exported graphs keep their Conv
+    nodes."""
     acc = acc_dtype(x.dtype)
     if channels_last:
         x = x[::stride, ::stride] if stride > 1 else x
