@@ -7,6 +7,20 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Many tests build the same small programs (the same student, step and evaluation at the same shapes) in fresh jitted
+# closures, which JAX's in-memory cache cannot share. XLA's persistent cache is keyed by the compiled program itself,
+# so one fresh directory per pytest run, inherited by xdist workers and subprocesses through the environment, compiles
+# each program once per run (funmatch --quick: 120 -> 76 s). A fresh directory: no run reuses another's programs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="patient-tests-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # the process that made it (pytest's main) removes it
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import jax
 import pytest
 
