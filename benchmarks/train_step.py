@@ -51,6 +51,7 @@ def child_jax(steps: int, teacher_dtype: str, compute_dtype: str = "float32") ->
     from patient.engine.step import init_state, make_mesh, make_optimizer, make_step
     from patient.engine.teachers import cast_floating
     from patient.models import create
+    from patient.models.layers import standardise_kernels
 
     out = {}
     for t_name, s_name, res, bs in PAIRS:  # noqa: B007  (res and bs are read as globals by the functions above)
@@ -58,6 +59,7 @@ def child_jax(steps: int, teacher_dtype: str, compute_dtype: str = "float32") ->
         t = create(t_name, num_classes=100, key=jax.random.key(0))
         if teacher_dtype == "bfloat16":
             t = cast_floating(t, jax.numpy.bfloat16)
+        t = (standardise_kernels(t[0]), t[1])  # as the trainer does with a frozen teacher
         s, ss = create(s_name, num_classes=100, key=jax.random.key(1))
         params, static = eqx.partition(s, eqx.is_array)
         opt = make_optimizer(cfg, 1000)

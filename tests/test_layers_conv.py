@@ -177,3 +177,35 @@ def test_channels_last_batch_norm_equals_float64_numpy(train):
         np.testing.assert_allclose(y, want, rtol=0, atol=2e-5 * np.abs(want).max())
         np.testing.assert_allclose(np.asarray(new["bn"]["mean"]), want_mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(new["bn"]["var"]), want_var, rtol=1e-5, atol=1e-6)
+
+
+def test_standardise_kernels_once_gives_the_same_network(getkey):
+    """A frozen teacher standardises BiT's kernels once (`standardise_kernels`, used by the trainer): the result
+    holds no weight-standardised convolution, leaves the model it was given alone, and computes what it computed
+    (features and logits, with a random head so the logits are not BiT's zero-initialised ones); a model without
+    weight standardisation comes back as it was."""
+    from patient.models import create
+    from patient.models.layers import standardise_kernels
+    from patient.models.registry import apply
+
+    model, state = create("bit_r26x1_cifar", num_classes=10, key=getkey(), resolution=16, depths=(1, 1, 1, 1),
+                          width=0.5)
+    model = eqx.tree_at(lambda m: m.head.fc.weight, model, jax.random.normal(getkey(), model.head.fc.weight.shape))
+
+    def ws(m):
+        convs = jax.tree_util.tree_leaves(m, is_leaf=lambda c: isinstance(c, Conv2d))
+        return [c for c in convs if isinstance(c, Conv2d) and c.ws_eps is not None]
+
+    frozen = standardise_kernels(model)
+    assert len(ws(model)) > 10 and ws(frozen) == []
+    first = ws(model)[0]
+    np.testing.assert_allclose(np.asarray(first.kernel()).std(axis=(1, 2, 3)), 1.0, rtol=1e-3)
+    x = jax.random.uniform(getkey(), (4, 3, 16, 16))
+    want, got = apply(model, state, x, train=False), apply(frozen, state, x, train=False)
+    assert float(jnp.abs(want[0]).max()) > 0.1
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=0, atol=1e-5)
+    for name in want[1]:
+        np.testing.assert_allclose(np.asarray(got[1][name]), np.asarray(want[1][name]), rtol=0, atol=1e-5)
+    plain, _ = create("cifar_resnet20", num_classes=10, key=getkey(), resolution=16, depths=(1, 1, 1))
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(plain),
+                                      jax.tree_util.tree_leaves(standardise_kernels(plain))))

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from patient._files import write_atomic
 from patient.data.views import mode_info
+from patient.models.layers import standardise_kernels
 from patient.models.registry import apply, spec_of, with_resolution
 
 from .config import Config, ConfigError
@@ -223,6 +224,9 @@ def _run(cfg: Config, *, teacher, student, data, eval_data, workdir, devices=Non
     step_fn = make_step(cfg, static, optimizer, mesh=mesh, supervised=supervised, use_cache=use_cache,
                         mix=info.mixup, resolutions=cfg.teacher_resolutions, total_steps=total)
     replicated = NamedSharding(mesh, P())
+    # Frozen from here: BiT's weight-standardised kernels are standardised once, not in every step (the same
+    # function; the run's identity and the teacher cache above were taken from the teachers as given).
+    teachers = [(standardise_kernels(m), s) for m, s in teachers]
     teachers = jax.device_put(teachers, replicated)  # on the mesh once, not transferred again at every step
     # The step donates its state; copy so the caller's model arrays are never the buffers that get donated.
     aux = _aux_modules(cfg, s_model, s_state, teachers, s_res, t_res, use_cache, key)
