@@ -214,6 +214,77 @@ def test_hard_swish_forms_agree():
         net.forward(x, hard_swish="exact")
 
 
+def _kinds(ops):
+    """Every activation kind and squeeze-excite gate of a folded op list, in order (residual blocks expanded)."""
+    out = []
+    for op in ops:
+        if isinstance(op, Act):
+            out.append(op.kind)
+        elif isinstance(op, SqueezeExcite):
+            out.append("se:" + op.gate)
+        elif isinstance(op, Residual):
+            out += _kinds(op.pre + op.body + (op.shortcut or ()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "mobilenetv3_large_075"])
+def test_fold_sixths_is_the_same_network(name):
+    """Hard-swish and hard-sigmoid written 6x larger, their 1/6 in the next conv's weights (for int8 ONNX): the
+    same logits. mobilenetv3_large's first block adds its input (a hard-swish output) back: the block's last conv
+    must produce the same 6x scale (bias included) for the sum to be right."""
+    model, state = perturbed_model(name)
+    x = digits_images(FAMILIES[name][1])
+    net = fold(model, state)
+    ref = np.asarray(jax.jit(net.forward)(x))
+    before = _kinds(net.ops)
+    for keep_first in (False, True):
+        six = net.fold_sixths(keep_first=keep_first)
+        kinds = _kinds(six.ops)
+        assert len(kinds) == len(before) and "se:hard_sigmoid" not in kinds and "se:relu6" in kinds
+        assert kinds.count("hswish") == (1 if keep_first else 0) and kinds.count("hswish6") > 0
+        np.testing.assert_allclose(np.asarray(jax.jit(six.forward)(x)), ref, rtol=0, atol=TOL)
+
+
+def test_fold_sixths_leaves_other_networks_alone():
+    """Nothing to move (ResNet) or nowhere to move it (a hard-swish followed by a GELU): the same object back."""
+    from patient.models.fold import Conv, Flatten, FoldedNet, GlobalPool, Linear
+
+    model, state = perturbed_model("resnet18")
+    net = fold(model, state)
+    assert net.fold_sixths() is net and net.fold_sixths(keep_first=True) is net
+    rng = np.random.default_rng(0)
+    conv = Conv(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), np.zeros(4, np.float32), 1, ((1, 1), (1, 1)), 1)
+    head = Linear(rng.standard_normal((4, 2)).astype(np.float32), np.zeros(2, np.float32))
+    blocked = FoldedNet((conv, Act("hswish"), Act("gelu"), GlobalPool(False), Flatten(), head), "toy", 2, 8)
+    assert blocked.fold_sixths() is blocked
+    ok = FoldedNet((conv, Act("hswish"), GlobalPool(False), Flatten(), head), "toy", 2, 8)
+    x = rng.random((2, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(ok.fold_sixths().forward(x)), np.asarray(ok.forward(x)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
+def test_onnx_int8_has_no_float_activation_islands(exported, tmp_path):
+    """onnxruntime has no quantised HardSwish / HardSigmoid: written as such, each ran in float between a
+    DequantizeLinear and a QuantizeLinear (19 islands in MobileNetV3-Small). The int8 export quantises the
+    fold_sixths graph instead, where every activation is an int8 Add / Mul or absorbed into a convolution; only a
+    float stem (one of the variants timed) keeps its HardSwish, in float, before the first QuantizeLinear."""
+    e = exported["mobilenetv3_small_050"]
+    fp32 = [n.op_type for n in onnx.load(e["onnx_report"]["path"]).graph.node]
+    assert fp32.count("HardSwish") > 1 and fp32.count("HardSigmoid") > 1  # the control: fp32 keeps the fused ops
+    rep = to_onnx(e["eqx"], tmp_path / "m.int8.onnx", quantize="int8", calibration="digits", calibration_size=16,
+                  verify_size=16, min_agreement=0.5, keep_int8=True)
+    assert set(rep["int8"]) == {"fp32", "int8 QDQ U8S8 per-channel", "int8 QDQ U8S8 per-channel, float stem",
+                                "int8 QDQ S8S8 per-channel"}
+    graph = onnx.load(rep["path"]).graph
+    ops = [n.op_type for n in graph.node]
+    float_stem = rep["quantization"].endswith("float stem")
+    assert "HardSigmoid" not in ops and ops.count("HardSwish") == float_stem
+    if "U8S8" in rep["quantization"]:  # (S8S8 leaves depthwise convolutions in float: onnxruntime's choice)
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        float_convs = [n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[0]) != "DequantizeLinear"]
+        assert len(float_convs) == float_stem
+
+
 @pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_tflite_int8_hard_swish_stays_in_xnnpack(exported, tmp_path):
     """XNNPACK runs HARD_SWISH in float only: an int8 one leaves the delegate and splits the graph (MobileNetV3 int8

@@ -120,7 +120,17 @@ def to_onnx(src: SourceLike, output: str | os.PathLike | None = None, *, batch: 
     if quantize == "int8":
         from .quantize import quantize_onnx
 
-        choice = quantize_onnx(model, calib, batch=fixed, keep_int8=keep_int8, log=log)
+        sources: dict[bool, onnx.ModelProto] = {}
+
+        def int8_graph(float_stem: bool) -> onnx.ModelProto:
+            """The graph to quantise: hard-swish's 1/6 in the next layer's weights (`FoldedNet.fold_sixths`)."""
+            if float_stem not in sources:
+                folded = net.fold_sixths(keep_first=float_stem)
+                sources[float_stem] = model if folded is net else convert(
+                    folded, batch=fixed, resolution=res, opset=opset, ort_nchwc=ort_nchwc)
+            return sources[float_stem]
+
+        choice = quantize_onnx(model, calib, batch=fixed, keep_int8=keep_int8, source=int8_graph, log=log)
         report["int8"] = choice["timings"]
         report["int8_decision"] = choice["decision"]
         if choice["kept"] != "fp32":

@@ -1,11 +1,15 @@
 """int8 ONNX by onnxruntime static quantisation (QDQ), and the decision whether int8 is worth keeping on this CPU.
 
-Two QDQ variants are made from one fp32 graph, both with per-channel int8 weights and MinMax calibration on real images:
-U8S8 (uint8 activations, onnxruntime's usual choice on x86) and S8S8 (int8 activations, the usual choice on ARM).
-Each is timed against the fp32 graph on this machine (median of a short run, one thread). int8 is not always faster:
-operators the quantiser does not cover (MobileNetV3's HardSwish, for one) sit between DequantizeLinear and
-QuantizeLinear pairs, and the extra conversions can cost more than the int8 convolutions save. The fastest variant
-is kept; if fp32 is faster than every int8 variant, fp32 is kept and the report says so (`keep_int8=True` overrides).
+Three QDQ variants are made, all with per-channel int8 weights and MinMax calibration on real images: U8S8 (uint8
+activations, onnxruntime's usual choice on x86), U8S8 with the stem convolution left in float, and S8S8 (int8
+activations, the usual choice on ARM). Each is timed against the fp32 graph on this machine (median of a short run,
+one thread). int8 is not always faster: onnxruntime's x86 int8 depthwise kernels are slower than its fp32 ones, and
+a 3-channel stem gains nothing from int8 either (benchmarks/results/int8_investigation.md). The fastest variant is
+kept; if fp32 is faster than every int8 variant, fp32 is kept and the report says so (`keep_int8=True` overrides).
+
+The graph quantised may differ from the fp32 one it is timed against: `patient.export.to_onnx` quantises a graph
+where each hard-swish's 1/6 sits in the next layer's weights (`FoldedNet.fold_sixths`), because onnxruntime has no
+quantised HardSwish and would run each one in float between DequantizeLinear and QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-VARIANTS = {  # label -> (activation type, weight type)
-    "int8 QDQ U8S8 per-channel": ("QUInt8", "QInt8"),
-    "int8 QDQ S8S8 per-channel": ("QInt8", "QInt8"),
+VARIANTS = {  # label -> (activation type, weight type, stem convolution left in float)
+    "int8 QDQ U8S8 per-channel": ("QUInt8", "QInt8", False),
+    "int8 QDQ U8S8 per-channel, float stem": ("QUInt8", "QInt8", True),
+    "int8 QDQ S8S8 per-channel": ("QInt8", "QInt8", False),
 }
 if TYPE_CHECKING:
     import onnx
@@ -64,8 +69,12 @@ def decide(timings: dict[str, float], keep_int8: bool = False) -> tuple[str, str
 
 def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int | None, keep_int8: bool = False,
                   variants: Sequence[str] = tuple(VARIANTS),
+                  source: Callable[[bool], onnx.ModelProto] | None = None,
                   log: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Quantise the fp32 `onnx.ModelProto` `model`; return the faster artifact and the timings behind the choice.
+
+    `source(float_stem)`, if given, returns the fp32 graph to quantise for a variant (the same function as `model`,
+    written for int8); by default `model` itself. A float-stem variant is skipped when the graph has no named Conv.
 
     **Returns:** `{"kept": label | "fp32", "model": ModelProto, "timings": {label: ms}, "decision": str}`.
     """
@@ -81,14 +90,20 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
     timings = {"fp32": median_ms(fp32, x)}
     made = {}
     with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp) / "fp32.onnx"
-        src.write_bytes(fp32)
         for i, label in enumerate(variants):
-            act, weight = VARIANTS[label]
+            act, weight, float_stem = VARIANTS[label]
+            graph = model if source is None else source(float_stem)
+            stem = next((n.name for n in graph.graph.node if n.op_type == "Conv"), "")
+            if float_stem and not stem:
+                log(f"  {label}: skipped (no named Conv to leave in float)")
+                continue
+            src = pathlib.Path(tmp) / f"fp32_{i}.onnx"
+            src.write_bytes(graph.SerializeToString())
             dst = pathlib.Path(tmp) / f"int8_{i}.onnx"
             quantize_static(str(src), str(dst), _Reader(calibration, b), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=getattr(QuantType, act),
-                            weight_type=getattr(QuantType, weight), calibrate_method=CalibrationMethod.MinMax)
+                            weight_type=getattr(QuantType, weight), calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=[stem] if float_stem else [])
             data = dst.read_bytes()
             made[label] = data
             timings[label] = median_ms(data, x)

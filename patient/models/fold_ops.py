@@ -23,12 +23,14 @@ class Conv:
 
 @dataclasses.dataclass(frozen=True)
 class Act:
-    kind: str  # "relu" | "hswish" | "gelu" (exact, erf-based: PyTorch's and timm's nn.GELU)
+    # "relu" | "hswish" | "gelu" (exact, erf-based: PyTorch's and timm's nn.GELU) | "hswish6": six times a hard-swish,
+    # x * clip(x + 3, 0, 6), whose 1/6 the next linear op carries (`FoldedNet.fold_sixths`)
+    kind: str
 
     def __post_init__(self):
-        if self.kind not in ("relu", "hswish", "gelu"):
-            raise ValueError(f"folded activation must be 'relu', 'hswish' or 'gelu', got {self.kind!r}; add the kind to "
-                             "patient.models.fold (Act, _apply) and to the exporters' checks")
+        if self.kind not in ("relu", "hswish", "gelu", "hswish6"):
+            raise ValueError(f"folded activation must be 'relu', 'hswish', 'gelu' or 'hswish6', got {self.kind!r}; add "
+                             "the kind to patient.models.fold (Act, _apply) and to the exporters' checks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +59,17 @@ class MaxPool:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SqueezeExcite:
-    """`x * gate(expand(relu(reduce(mean(x)))))`; the gate is MobileNetV3's hard sigmoid or RegNetY's sigmoid."""
+    """`x * gate(expand(relu(reduce(mean(x)))))`; the gate is MobileNetV3's hard sigmoid, RegNetY's sigmoid, or
+    `relu6`: six times a hard sigmoid, with its + 3 in `expand`'s bias and its 1/6 in the next linear op
+    (`FoldedNet.fold_sixths`)."""
 
     reduce: Conv
     expand: Conv
     gate: str = "hard_sigmoid"
 
     def __post_init__(self):
-        if self.gate not in ("hard_sigmoid", "sigmoid"):
-            raise ValueError(f"squeeze-excite gate must be 'hard_sigmoid' or 'sigmoid', got {self.gate!r}")
+        if self.gate not in ("hard_sigmoid", "sigmoid", "relu6"):
+            raise ValueError(f"squeeze-excite gate must be 'hard_sigmoid', 'sigmoid' or 'relu6', got {self.gate!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
