@@ -1,7 +1,7 @@
 """int8 ONNX by onnxruntime static quantisation (QDQ), and the decision whether int8 is worth keeping on this CPU.
 
 Three QDQ variants are made, all with per-channel int8 weights and MinMax calibration on real images: U8S8 (uint8
-activations, onnxruntime's usual choice on x86), U8S8 with the stem convolution left in float, and S8S8 (int8
+activations, onnxruntime's usual choice on x86), U8S8 with the stem left in float (`_stem_nodes`), and S8S8 (int8
 activations, the usual choice on ARM). Each is timed against the fp32 graph on this machine (median of a short run,
 one thread). int8 is not always faster: onnxruntime's x86 int8 depthwise kernels are slower than its fp32 ones, and
 a 3-channel stem gains nothing from int8 either (benchmarks/results/int8_investigation.md). The fastest variant is
@@ -47,6 +47,28 @@ class _Reader:
         self._it = iter(self._batches)
 
 
+def _stem_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes a float-stem variant leaves in float: from the input up to the first convolution with another
+    number of output channels than the stem's (MobileNetV3-Large: the stem and its first 16-channel block). Narrow
+    layers on the largest maps gain nothing from int8 in onnxruntime, and the float/int8 boundary costs a
+    QuantizeLinear pass wherever it is; measured on a Xeon: MobileNetV3-Large int8 4.09 ms with the stem convolution
+    alone in float, 3.85 ms with its first block too (fp32 4.80 ms). Empty when the first Conv has no name or no
+    constant weight."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    names, width = [], None
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+            if w is None or not node.name:
+                break
+            if width is None:
+                width = w[0]
+            elif w[0] != width:
+                break
+        names.append(node.name)
+    return names if width is not None else []
+
+
 def median_ms(data: bytes, x: np.ndarray, threads: int = 1, runs: int = TIMING_RUNS, fmt: str = "onnx") -> float:
     """Median latency (ms) of a serialised .onnx or .tflite model on `x` (at least `runs` runs and 0.5 s)."""
     from patient.runtime.models import OnnxRunner, TfliteRunner
@@ -74,7 +96,7 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
     """Quantise the fp32 `onnx.ModelProto` `model`; return the faster artifact and the timings behind the choice.
 
     `source(float_stem)`, if given, returns the fp32 graph to quantise for a variant (the same function as `model`,
-    written for int8); by default `model` itself. A float-stem variant is skipped when the graph has no named Conv.
+    written for int8); by default `model` itself. A float-stem variant is skipped when `_stem_nodes` finds no stem.
 
     **Returns:** `{"kept": label | "fp32", "model": ModelProto, "timings": {label: ms}, "decision": str}`.
     """
@@ -93,7 +115,7 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
         for i, label in enumerate(variants):
             act, weight, float_stem = VARIANTS[label]
             graph = model if source is None else source(float_stem)
-            stem = next((n.name for n in graph.graph.node if n.op_type == "Conv"), "")
+            stem = _stem_nodes(graph) if float_stem else []
             if float_stem and not stem:
                 log(f"  {label}: skipped (no named Conv to leave in float)")
                 continue
@@ -103,7 +125,7 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
             quantize_static(str(src), str(dst), _Reader(calibration, b), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=getattr(QuantType, act),
                             weight_type=getattr(QuantType, weight), calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=[stem] if float_stem else [])
+                            nodes_to_exclude=stem)
             data = dst.read_bytes()
             made[label] = data
             timings[label] = median_ms(data, x)
