@@ -15,8 +15,9 @@ exporters see the same network and weights. Then, in one process:
   ORT_ENABLE_ALL, intra-op threads 1 and 2), interleaved in rounds so that load on the shared machine hits them alike.
   patient's graph takes [0, 1] images and normalises inside (one Sub); timm's takes normalised images. The graphs'
   logits are compared (patient on x, torch on (x - mean) / std).
-- patient ONNX int8 (onnxruntime QDQ, calibrated on digits upscaled to 224 px; the faster of U8S8 / S8S8 is kept,
-  int8 is kept even if slower so that it is measured) and TFLite fp32 / fp16 / int8 (LiteRT with XNNPACK).
+- patient ONNX int8 (onnxruntime QDQ, calibrated on digits upscaled to 224 px; the fastest of the variants of
+  `patient.export.quantize.VARIANTS` is kept, int8 is kept even if slower so that it is measured) and TFLite fp32 /
+  fp16 / int8 (LiteRT with XNNPACK).
 
 Latency: warm-up excluded, p50 / p90 / mean of per-inference wall time. Goals: patient ONNX p50 <= 0.95x torch.onnx's
 (judged on the paired ratio: the median over 10 rounds of patient's round median over torch's round median, which
