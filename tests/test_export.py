@@ -287,6 +287,28 @@ def test_onnx_int8_has_no_float_activation_islands(exported, tmp_path):
 
 
 @pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
+def test_float_stem_ends_at_the_first_wider_convolution(exported):
+    """The float-stem variant leaves in float the nodes before the first convolution wider or narrower than the stem;
+    a network with no such convolution (a transformer: the patch embedding is its only Conv) gets no float stem,
+    since its "stem" would be the whole graph."""
+    from patient.export.quantize import _stem_nodes
+
+    def widths(graph):
+        shapes = {t.name: t.dims[0] for t in graph.initializer}
+        return {n.name: shapes[n.input[1]] for n in graph.node if n.op_type == "Conv"}
+
+    for name in ("mobilenetv3_small_050", "mobilenetv3_large_075", "resnet18"):
+        graph = onnx.load(exported[name]["onnx_report"]["path"]).graph
+        stem, width, names = _stem_nodes(onnx.ModelProto(graph=graph)), widths(graph), [n.name for n in graph.node]
+        convs = [n for n in names if n in width]
+        assert stem == names[:len(stem)] and convs[0] in stem, name  # a prefix, with the stem convolution
+        inside = [c for c in convs if c in stem]
+        assert {width[c] for c in inside} == {width[convs[0]]} and width[convs[len(inside)]] != width[convs[0]], name
+    deit = onnx.load(exported["deit_tiny_distilled_patch16_224"]["onnx_report"]["path"])
+    assert _stem_nodes(deit) == []
+
+
+@pytest.mark.slow  # the `exported` fixture converts seven networks twice (a minute)
 def test_tflite_int8_hard_swish_stays_in_xnnpack(exported, tmp_path):
     """XNNPACK runs HARD_SWISH in float only: an int8 one leaves the delegate and splits the graph (MobileNetV3 int8
     was 3x slower than fp32). The int8 export writes it as ADD + RELU6 + MUL; fp32 keeps the one fused operator."""

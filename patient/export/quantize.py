@@ -52,21 +52,22 @@ def _stem_nodes(model: onnx.ModelProto) -> list[str]:
     number of output channels than the stem's (MobileNetV3-Large: the stem and its first 16-channel block). Narrow
     layers on the largest maps gain nothing from int8 in onnxruntime, and the float/int8 boundary costs a
     QuantizeLinear pass wherever it is; measured on a Xeon: MobileNetV3-Large int8 4.09 ms with the stem convolution
-    alone in float, 3.85 ms with its first block too (fp32 4.80 ms). Empty when the first Conv has no name or no
-    constant weight."""
+    alone in float, 3.85 ms with its first block too (fp32 4.80 ms). Empty when no such convolution ends the stem
+    (a transformer's patch embedding is its only Conv: its "stem" would be the whole network), or a Conv on the way
+    has no name or no constant weight."""
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     names, width = [], None
     for node in model.graph.node:
         if node.op_type == "Conv":
             w = shapes.get(node.input[1]) if len(node.input) > 1 else None
             if w is None or not node.name:
-                break
+                return []
             if width is None:
                 width = w[0]
             elif w[0] != width:
-                break
+                return names
         names.append(node.name)
-    return names if width is not None else []
+    return []
 
 
 def median_ms(data: bytes, x: np.ndarray, threads: int = 1, runs: int = TIMING_RUNS, fmt: str = "onnx") -> float:
@@ -117,7 +118,7 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
             graph = model if source is None else source(float_stem)
             stem = _stem_nodes(graph) if float_stem else []
             if float_stem and not stem:
-                log(f"  {label}: skipped (no named Conv to leave in float)")
+                log(f"  {label}: skipped (no stem to leave in float: see _stem_nodes)")
                 continue
             src = pathlib.Path(tmp) / f"fp32_{i}.onnx"
             src.write_bytes(graph.SerializeToString())
