@@ -216,15 +216,8 @@ def test_hard_swish_forms_agree():
 
 def _kinds(ops):
     """Every activation kind and squeeze-excite gate of a folded op list, in order (residual blocks expanded)."""
-    out = []
-    for op in ops:
-        if isinstance(op, Act):
-            out.append(op.kind)
-        elif isinstance(op, SqueezeExcite):
-            out.append("se:" + op.gate)
-        elif isinstance(op, Residual):
-            out += _kinds(op.pre + op.body + (op.shortcut or ()))
-    return out
+    return [op.kind if isinstance(op, Act) else "se:" + op.gate
+            for op in _walk_ops(ops) if isinstance(op, (Act, SqueezeExcite))]
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "mobilenetv3_large_075"])
