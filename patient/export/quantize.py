@@ -111,7 +111,7 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
     if len(x) < b:
         x = np.concatenate([x, np.zeros((b - len(x), *x.shape[1:]), np.float32)])
     timings = {"fp32": median_ms(fp32, x)}
-    made = {}
+    made, written = {}, {}  # written: id -> (graph, path), each distinct fp32 graph serialised once (kept alive)
     with tempfile.TemporaryDirectory() as tmp:
         for i, label in enumerate(variants):
             act, weight, float_stem = VARIANTS[label]
@@ -120,8 +120,10 @@ def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, *, batch: int
             if float_stem and not stem:
                 log(f"  {label}: skipped (no stem to leave in float: see _stem_nodes)")
                 continue
-            src = pathlib.Path(tmp) / f"fp32_{i}.onnx"
-            src.write_bytes(graph.SerializeToString())
+            if id(graph) not in written:
+                written[id(graph)] = (graph, pathlib.Path(tmp) / f"fp32_{i}.onnx")
+                written[id(graph)][1].write_bytes(graph.SerializeToString())
+            src = written[id(graph)][1]
             dst = pathlib.Path(tmp) / f"int8_{i}.onnx"
             quantize_static(str(src), str(dst), _Reader(calibration, b), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=getattr(QuantType, act),
